@@ -1,0 +1,98 @@
+"""Model towers and the dual encoder, built from `config.model` by name.
+
+`get_model(config.model)` validates the config (unknown keys and impossible values
+raise a ValueError naming the key) and returns a `TwoTowers` module. Towers are
+picked from a registry by `image.name` / `text.name`; a new tower is a class with a
+`from_config(config, *, dtype, remat, scan)` classmethod, added with
+`register_tower('image', 'name')(cls)`.
+"""
+import math
+
+import jax.numpy as jnp
+import ml_collections
+
+from hvla.models import layers
+from hvla.models.resnet import ResNet
+from hvla.models.text import TextTransformer
+from hvla.models.two_towers import TwoTowers, l2_normalize, logit_scale
+from hvla.models.vit import ViT
+
+DTYPES = ("float32", "bfloat16")
+_TOWERS = {"image": {}, "text": {}}
+
+
+def register_tower(kind, name):
+  """Class decorator: makes a tower selectable as `model.<kind>.name = name`."""
+  if kind not in _TOWERS:
+    raise ValueError(f"Unknown tower kind {kind!r}, expected one of {sorted(_TOWERS)}.")
+
+  def add(cls):
+    _TOWERS[kind][name] = cls
+    return cls
+  return add
+
+
+register_tower("image", "vit")(ViT)
+register_tower("image", "resnet")(ResNet)
+register_tower("text", "transformer")(TextTransformer)
+
+
+def default_model_config():
+  """CLIP ViT-B/16: ViT-B/16 image tower, 12x512x8 text transformer, joint width 512."""
+  c = ml_collections.ConfigDict()
+  c.embed_dim = 512
+  c.dtype = "float32"  # compute dtype; parameters are always float32
+  c.logit_scale_init = math.log(1 / 0.07)
+  c.logit_bias_init = ml_collections.config_dict.placeholder(float)  # e.g. -10 for sigmoid
+  c.remat = "none"  # 'none' | 'full' | 'dots' (jax.checkpoint policy per block)
+  c.scan = False  # nn.scan over the blocks (params stacked on a 'layers' axis)
+  c.image = ml_collections.ConfigDict(dict(
+      name="vit", image_size=224, patch_size=16, width=768, depth=12, heads=12,
+      mlp_ratio=4.0, pool="cls", patch_dropout=0.0))
+  c.text = ml_collections.ConfigDict(dict(
+      name="transformer", vocab_size=49408, max_len=77, width=512, depth=12, heads=8,
+      mlp_ratio=4.0, pooling="eot", causal=True))
+  return c
+
+
+def get_model(config):
+  """`config.model` -> TwoTowers, after checking every key and value."""
+  known = set(default_model_config())
+  unknown = sorted(set(config) - known)
+  if unknown:
+    raise ValueError(f"Unknown key(s) {', '.join('model.' + k for k in unknown)}; "
+                     f"expected {sorted(known)}.")
+  missing = sorted(known - set(config))
+  if missing:
+    raise ValueError(f"Missing key(s) {', '.join('model.' + k for k in missing)}.")
+  layers.check(isinstance(config.embed_dim, int) and config.embed_dim > 0,
+               "model.embed_dim", f"must be a positive integer, got {config.embed_dim!r}")
+  layers.check(config.dtype in DTYPES, "model.dtype",
+               f"unknown dtype {config.dtype!r}, expected one of {DTYPES}")
+  layers.check(config.remat in layers.REMAT_POLICIES, "model.remat",
+               f"unknown policy {config.remat!r}, expected one of "
+               f"{tuple(layers.REMAT_POLICIES)}")
+  layers.check(isinstance(config.scan, bool), "model.scan",
+               f"must be a bool, got {config.scan!r}")
+  layers.check(isinstance(config.logit_scale_init, (int, float)), "model.logit_scale_init",
+               f"must be a number, got {config.logit_scale_init!r}")
+  layers.check(config.logit_bias_init is None or isinstance(config.logit_bias_init,
+                                                            (int, float)),
+               "model.logit_bias_init", f"must be None or a number, got "
+               f"{config.logit_bias_init!r}")
+  shared = dict(dtype=jnp.dtype(config.dtype), remat=config.remat, scan=config.scan)
+  towers = {}
+  for kind in ("image", "text"):
+    name = config[kind].get("name")
+    layers.check(name in _TOWERS[kind], f"model.{kind}.name",
+                 f"unknown tower {name!r}, expected one of {sorted(_TOWERS[kind])}")
+    towers[kind] = _TOWERS[kind][name].from_config(config[kind], **shared)
+  return TwoTowers(
+      img=towers["image"], txt=towers["text"], embed_dim=config.embed_dim,
+      dtype=shared["dtype"], logit_scale_init=float(config.logit_scale_init),
+      logit_bias_init=(None if config.logit_bias_init is None
+                       else float(config.logit_bias_init)))
+
+
+__all__ = ["ResNet", "TextTransformer", "TwoTowers", "ViT", "default_model_config", "get_model",
+           "l2_normalize", "logit_scale", "register_tower"]

@@ -1,0 +1,235 @@
+"""Transformer pieces shared by the image and text towers.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, and
+`layers` for a scanned stack); activations carry logical constraints (`act_batch`,
+`act_len`, `act_embed`, `act_mlp`, `act_heads`). Both are inert until a mesh and
+logical axis rules are active, so the same modules run on one CPU and on a pod.
+
+A block stack (`Encoder`) runs any sub-range `[start, stop)` of its blocks, so an
+objective can run the lower blocks, change the tokens, then run the upper ones, and
+it returns a per-block readout (the tower's pooling applied after every block) for
+layer-wise alignment.
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+POOLINGS = ("cls", "gap", "eot", "max", "mean")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Keep the weight matmuls, recompute attention scores and elementwise ops.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+LN_EPSILON = 1e-5  # CLIP's LayerNorm epsilon, so CLIP weights load unchanged.
+
+
+def partitioned(init, *names):
+  """An initializer whose parameter carries the logical axis `names`."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x, *names):
+  """Logical sharding constraint on an activation (a no-op without rules)."""
+  return nn.with_logical_constraint(x, names)
+
+
+def layer_norm(dtype, name=None):
+  """LayerNorm over the width, with CLIP's epsilon."""
+  return nn.LayerNorm(
+      epsilon=LN_EPSILON, dtype=dtype, name=name,
+      scale_init=partitioned(nn.initializers.ones, "embed"),
+      bias_init=partitioned(nn.initializers.zeros, "embed"))
+
+
+def valid_lengths(tokens, pad_id=0):
+  """Number of leading positions up to and including the last non-pad token."""
+  positions = jnp.arange(1, tokens.shape[1] + 1)
+  return jnp.max(jnp.where(tokens != pad_id, positions, 0), axis=1).astype(jnp.int32)
+
+
+def pool(x, lengths, kind):
+  """Pools tokens `x` [B, L, W] into [B, W].
+
+  `lengths` [B] counts the valid leading positions (None: all valid). Kinds: `cls`
+  position 0; `gap` mean of positions 1: (the patch tokens after a class token);
+  `eot` the last valid position; `max` and `mean` over valid positions. Positions past
+  `lengths` never change the result.
+  """
+  if kind == "cls":
+    return x[:, 0]
+  if kind == "gap":
+    return jnp.mean(x[:, 1:], axis=1)
+  if lengths is None:
+    lengths = jnp.full(x.shape[:1], x.shape[1], jnp.int32)
+  if kind == "eot":
+    last = jnp.maximum(lengths - 1, 0)
+    return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+  valid = (jnp.arange(x.shape[1])[None, :] < lengths[:, None])[..., None]
+  if kind == "max":
+    return jnp.max(jnp.where(valid, x, jnp.finfo(x.dtype).min), axis=1)
+  if kind == "mean":
+    total = jnp.sum(jnp.where(valid, x, 0), axis=1)
+    return total / jnp.maximum(lengths, 1)[:, None].astype(x.dtype)
+  raise ValueError(f"Unknown pooling {kind!r}, expected one of {POOLINGS}.")
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention through `jax.nn.dot_product_attention`.
+
+  The fused q/k/v kernel is initialised as one [W, 3W] matrix (as torch's
+  MultiheadAttention, which CLIP uses).
+
+  `lengths` [B] (or None) masks keys past each row's valid length, which makes
+  padding invisible to every real position.
+  """
+  heads: int
+  causal: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, lengths=None):
+    width = x.shape[-1]
+    head_dim = width // self.heads
+    qkv = nn.Einsum(
+        (width, 3, self.heads, head_dim), "btw,wkhd->btkhd", dtype=self.dtype, name="qkv",
+        kernel_init=partitioned(nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2, 3)),
+                                "embed", None, "heads", "kv"),
+        bias_init=partitioned(nn.initializers.zeros, None, "heads", "kv"))(x)
+    q, k, v = (constrain(qkv[:, :, i], "act_batch", "act_len", "act_heads", None)
+               for i in range(3))
+    y = jax.nn.dot_product_attention(
+        q, k, v, is_causal=self.causal, key_value_seq_lengths=lengths)
+    return nn.Einsum(
+        (self.heads, head_dim, width), "bthd,hdw->btw", dtype=self.dtype, name="out",
+        kernel_init=partitioned(nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2),
+                                "heads", "kv", "embed"),
+        bias_init=partitioned(nn.initializers.zeros, "embed"))(y)
+
+
+class Mlp(nn.Module):
+  """Two-layer GELU MLP (exact erf GELU, as torch's default)."""
+  hidden: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(
+        self.hidden, dtype=self.dtype, name="fc1",
+        kernel_init=partitioned(nn.initializers.xavier_uniform(), "embed", "mlp"),
+        bias_init=partitioned(nn.initializers.zeros, "mlp"))(x)
+    h = constrain(nn.gelu(h, approximate=False), "act_batch", "act_len", "act_mlp")
+    return nn.Dense(
+        x.shape[-1], dtype=self.dtype, name="fc2",
+        kernel_init=partitioned(nn.initializers.xavier_uniform(), "mlp", "embed"),
+        bias_init=partitioned(nn.initializers.zeros, "embed"))(h)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block. Returns (tokens, readout of the tokens).
+
+  The readout is `pool(tokens, lengths, readout)`: the per-layer feature that
+  layer-wise objectives align. Returning it from the block lets `nn.scan` stack it
+  without keeping every layer's full token sequence.
+  """
+  mlp_dim: int
+  heads: int
+  readout: str
+  causal: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, lengths=None):
+    y = layer_norm(self.dtype, "norm1")(x)
+    x = x + Attention(self.heads, self.causal, self.dtype, name="attn")(y, lengths)
+    y = layer_norm(self.dtype, "norm2")(x)
+    x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(y)
+    x = constrain(x, "act_batch", "act_len", "act_embed")
+    return x, pool(x, lengths, self.readout)
+
+
+class Encoder(nn.Module):
+  """A stack of `depth` blocks that runs any contiguous sub-range of them.
+
+  Parameters live in `block_{i}` (one per block) or, with `scan=True`, in one
+  `blocks` subtree whose leaves have a leading `layers` axis of size `depth`. A
+  scanned sub-range slices that axis, so both layouts give the same results.
+  """
+  depth: int
+  mlp_dim: int
+  heads: int
+  readout: str
+  causal: bool = False
+  dtype: Any = jnp.float32
+  remat: str = "none"
+  scan: bool = False
+
+  @nn.compact
+  def __call__(self, x, lengths=None, start=0, stop=None):
+    """Runs blocks [start, stop) on `x`; returns (x, readouts [stop - start, B, W])."""
+    stop = self.depth if stop is None else stop
+    if not 0 <= start < stop <= self.depth:
+      raise ValueError(f"Block range [{start}, {stop}) is empty or outside [0, {self.depth}).")
+    block = Block
+    if self.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+    kwargs = dict(mlp_dim=self.mlp_dim, heads=self.heads, readout=self.readout,
+                  causal=self.causal, dtype=self.dtype)
+    if not self.scan:
+      readouts = []
+      for i in range(start, stop):
+        x, r = block(**kwargs, name=f"block_{i}")(x, lengths)
+        readouts.append(r)
+      return x, jnp.stack(readouts)
+    stack = nn.scan(
+        block, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=nn.broadcast, length=stop - start,
+        metadata_params={nn.PARTITION_NAME: "layers"})
+    if (start, stop) != (0, self.depth):
+      stack = nn.map_variables(
+          stack, "params",
+          trans_in_fn=lambda tree: jax.tree.map(lambda a: a[start:stop], tree))
+    return stack(**kwargs, name="blocks")(x, lengths)
+
+
+SHARED_FIELDS = ("dtype", "remat", "scan")  # set once in the model config, not per tower
+
+
+def tower_kwargs(cls, config, path):
+  """Module keyword arguments from a tower config at `path`, rejecting unknown keys.
+
+  `name` selects the tower and is dropped; every other key must be a field of `cls`
+  that the model config does not set for both towers (SHARED_FIELDS).
+  """
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", *SHARED_FIELDS}
+  unknown = sorted(set(config) - fields - {"name"})
+  if unknown:
+    raise ValueError(f"Unknown key(s) {', '.join(f'{path}.{k}' for k in unknown)}; "
+                     f"{cls.__name__} takes {sorted(fields)}.")
+  return {k: v for k, v in config.items() if k != "name"}
+
+
+def check(ok, key, message):
+  """Raises a ValueError naming the config `key` unless `ok`."""
+  if not ok:
+    raise ValueError(f"{key}: {message}")
+
+
+def check_positive_ints(tower, path, *keys):
+  """Checks that the fields `keys` of `tower` are positive integers."""
+  for key in keys:
+    value = getattr(tower, key)
+    check(isinstance(value, int) and value > 0, f"{path}.{key}",
+          f"must be a positive integer, got {value!r}")
+
+
+def check_transformer(tower, path):
+  """Checks the fields every transformer tower has: width, depth, heads, mlp_ratio."""
+  check_positive_ints(tower, path, "width", "depth", "heads")
+  check(tower.width % tower.heads == 0, f"{path}.width",
+        f"{tower.width} is not divisible by {path}.heads={tower.heads}")
+  check(tower.mlp_ratio > 0 and int(tower.width * tower.mlp_ratio) > 0,
+        f"{path}.mlp_ratio", f"must be positive, got {tower.mlp_ratio!r}")
