@@ -1,0 +1,1 @@
+"""hvla's data layer; the entry points are in hvla.data.pipeline (docs/data.md)."""

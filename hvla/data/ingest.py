@@ -1,0 +1,345 @@
+"""Image-text corpora -> hvla datasets (tfds array_record), resumable and in parallel.
+
+Inputs, one output shard per input unit:
+- `rows`: a JSONL / CSV / TSV file of (image path, caption) rows, images in a folder
+  (CC3M / CC12M style); `shard_size` rows per shard.
+- `webdataset`: img2dataset / webdataset tar shards; a sample is the run of members
+  sharing a key: an image (jpg, png, ...) plus `txt` and/or `json` (with `caption`).
+- `tfrecord`: TFRecord files of tf.train.Example with encoded image and text features.
+
+Optional fields (summary, tags, concepts, rois, phrases, phrase_boxes) come from the row
+itself, the webdataset `json`, or a `sidecar` JSONL keyed by `key`. Every image is decoded
+once: grayscale / CMYK / alpha / palette images are converted to RGB and re-encoded as
+JPEG, unusable records are skipped and counted by reason in the report.
+"""
+import csv
+import dataclasses
+import io
+import json
+import multiprocessing
+import os
+import re
+import tarfile
+
+import numpy as np
+from PIL import Image
+from tqdm import auto as tqdm
+
+from hvla.data import ops
+from hvla.data import writer
+
+FORMATS = ('rows', 'webdataset', 'tfrecord')
+IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')
+_DEFAULT_KEYS = {  # Candidate feature / column names, first present wins.
+    'image': ('image', 'image/encoded', 'jpg', 'filepath', 'file', 'path', 'url'),
+    'caption': ('caption', 'image/text', 'text', 'txt', 'title'),
+}
+_EXAMPLES_PER_REASON = 5  # Skipped keys listed in the report per reason.
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  out_dir: str
+  name: str
+  split: str = 'train'
+  image_dir: str | None = None  # rows: image paths are relative to it.
+  image_key: str | None = None  # None: the first of _DEFAULT_KEYS['image'] present.
+  caption_key: str | None = None
+  sidecar: str | None = None
+  roi_feature_dim: int = 0
+  max_side: int | None = None  # Larger images are downscaled to this longer side.
+  min_side: int = 8
+  max_aspect: float = 20.0
+  max_pixels: int = 50_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  index: int
+  count: int
+  kind: str
+  source: str
+  rows: tuple = ()  # rows: this shard's rows.
+
+
+def detect_format(path):
+  lower = path.lower()
+  if lower.endswith(('.jsonl', '.json', '.csv', '.tsv')):
+    return 'rows'
+  if lower.endswith('.tar'):
+    return 'webdataset'
+  if re.search(r'\.tfrecords?|\.tfrec', lower):
+    return 'tfrecord'
+  raise ValueError(f'cannot tell the format of {path!r}; pass format= one of {FORMATS}')
+
+
+def _read_rows(path):
+  if path.lower().endswith(('.jsonl', '.json')):
+    with open(path) as f:
+      return [json.loads(line) for line in f if line.strip()]
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f, delimiter='\t' if path.lower().endswith('.tsv') else ','))
+
+
+def plan(inputs, fmt=None, shard_size=5000):
+  """Splits the inputs into tasks, one per output shard, in a fixed order."""
+  inputs = sorted(inputs)
+  if not inputs:
+    raise ValueError('no input files')
+  fmt = fmt or detect_format(inputs[0])
+  if fmt not in FORMATS:
+    raise ValueError(f'format {fmt!r} is not one of {FORMATS}')
+  units = []
+  for path in inputs:
+    if fmt == 'rows':
+      rows = _read_rows(path)
+      units += [(path, tuple(rows[i:i + shard_size])) for i in range(0, len(rows), shard_size)]
+    else:
+      units.append((path, ()))
+  return [Task(i, len(units), fmt, path, rows) for i, (path, rows) in enumerate(units)]
+
+
+# -------------------------------------------------------------------------------------
+# Reading samples: (key, image bytes or None, fields dict).
+# -------------------------------------------------------------------------------------
+def _pick(fields, key, role):
+  if key is not None:
+    return fields.get(key)
+  return next((fields[k] for k in _DEFAULT_KEYS[role] if k in fields), None)
+
+
+def _rows_samples(task, opts):
+  image_dir = opts.image_dir or os.path.dirname(os.path.abspath(task.source))
+  for row in task.rows:
+    rel = _pick(row, opts.image_key, 'image')
+    key = str(row.get('key') or (os.path.splitext(os.path.basename(rel))[0] if rel else ''))
+    path = os.path.join(image_dir, rel) if rel else None
+    data = None
+    if path and os.path.isfile(path):
+      with open(path, 'rb') as f:
+        data = f.read()
+    yield key, data, row
+
+
+def _webdataset_samples(task, opts):
+  del opts
+  with tarfile.open(task.source) as tar:
+    key, parts = None, {}
+    for member in tar:
+      if not member.isfile():
+        continue
+      base = os.path.basename(member.name)
+      prefix = os.path.join(os.path.dirname(member.name), base.split('.', 1)[0])
+      ext = base.split('.', 1)[1].lower() if '.' in base else ''
+      if prefix != key and parts:
+        yield _webdataset_sample(key, parts)
+        parts = {}
+      key = prefix
+      parts[ext] = tar.extractfile(member).read()
+    if parts:
+      yield _webdataset_sample(key, parts)
+
+
+def _webdataset_sample(key, parts):
+  try:
+    fields = json.loads(parts['json']) if 'json' in parts else {}
+  except ValueError:  # Unreadable metadata: the caption may still come from txt.
+    fields = {}
+  if 'txt' in parts:
+    fields['caption'] = parts['txt'].decode('utf-8', errors='replace')
+  image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+  return str(fields.get('key') or key), image, fields
+
+
+def _tfrecord_samples(task, opts):
+  import tensorflow as tf  # Only this format needs TensorFlow itself.
+  for i, raw in enumerate(tf.data.TFRecordDataset(task.source).as_numpy_iterator()):
+    feature = tf.train.Example.FromString(raw).features.feature
+    fields = {}
+    for name, value in feature.items():
+      kind = value.WhichOneof('kind')
+      values = list(getattr(value, kind).value) if kind else []
+      fields[name] = values[0] if len(values) == 1 else values
+    image = _pick(fields, opts.image_key, 'image')
+    key = fields.get('key', fields.get('image/source_id', f'{os.path.basename(task.source)}:{i}'))
+    yield key.decode() if isinstance(key, bytes) else str(key), image, fields
+
+
+_READERS = {'rows': _rows_samples, 'webdataset': _webdataset_samples,
+            'tfrecord': _tfrecord_samples}
+
+
+# -------------------------------------------------------------------------------------
+# Samples -> records.
+# -------------------------------------------------------------------------------------
+def clean_image(data, opts):
+  """Validated image bytes: kept when JPEG/PNG RGB, else converted and re-encoded."""
+  img = ops.decode_image(data, min_side=opts.min_side, max_aspect=opts.max_aspect,
+                         max_pixels=opts.max_pixels)
+  if opts.max_side and max(img.size) > opts.max_side:
+    img = img.copy()
+    img.thumbnail((opts.max_side, opts.max_side), Image.BICUBIC)
+  elif img.format in ('JPEG', 'PNG'):  # Decoded as RGB without conversion.
+    return data
+  buf = io.BytesIO()
+  img.save(buf, format='JPEG', quality=95)
+  return buf.getvalue()
+
+
+def _array(value, shape, dtype, name):
+  try:
+    arr = np.asarray(value if value is not None else [], dtype).reshape(-1, *shape)
+  except (ValueError, TypeError) as e:
+    raise ops.BadRecord('malformed', f'{name}: {e}') from None
+  if not np.all(np.isfinite(arr)):
+    raise ops.BadRecord('malformed', f'{name} has non-finite values')
+  return arr
+
+
+def make_record(image, fields, opts):
+  """One record of writer.record_features; raises BadRecord when unusable."""
+  caption = _pick(fields, opts.caption_key, 'caption')
+  if isinstance(caption, (list, tuple)):  # A multi-valued TFRecord feature: the first.
+    caption = caption[0] if caption else ''
+  caption = caption.decode('utf-8', errors='replace') if isinstance(caption, bytes) else caption
+  caption = str(caption or '').strip()
+  if not caption:
+    raise ops.BadRecord('empty_caption')
+  tags = fields.get('tags') or ''
+  rois = fields.get('rois') or {}
+  boxes = _array(rois.get('boxes'), (4,), np.float32, 'rois.boxes')
+  labels = [str(x) for x in rois.get('labels') or []]
+  phrases = _array(fields.get('phrases'), (2,), np.int32, 'phrases')
+  phrase_boxes = _array(fields.get('phrase_boxes'), (4,), np.float32, 'phrase_boxes')
+  for name, b in (('rois.boxes', boxes), ('phrase_boxes', phrase_boxes)):
+    if len(b) and (b.min() < 0 or b.max() > 1 or np.any(b[:, 2:] < b[:, :2])):
+      raise ops.BadRecord('malformed', f'{name} must be (x0, y0, x1, y1) in [0, 1]')
+  if labels and len(labels) != len(boxes):
+    raise ops.BadRecord('malformed', 'rois.labels and rois.boxes differ in length')
+  if len(phrases) and (phrases.min() < 0 or phrases.max() > len(caption)
+                       or np.any(phrases[:, 1] <= phrases[:, 0])):
+    raise ops.BadRecord('malformed', 'phrases must be [start, end) spans in the caption')
+  if len(phrase_boxes) not in (0, len(phrases)):
+    raise ops.BadRecord('malformed', 'phrase_boxes needs one box per phrase')
+  record = dict(
+      image=clean_image(image, opts), caption=caption,
+      summary=str(fields.get('summary') or ''),
+      tags=', '.join(tags) if isinstance(tags, list) else str(tags),
+      concepts=[str(c) for c in fields.get('concepts') or []],
+      rois=dict(boxes=boxes, labels=labels or [''] * len(boxes)),
+      phrases=phrases, phrase_boxes=phrase_boxes)
+  if opts.roi_feature_dim:
+    feats = _array(rois.get('features'), (opts.roi_feature_dim,), np.float16,
+                   'rois.features')
+    if len(feats) != len(boxes):
+      raise ops.BadRecord('malformed', 'rois.features needs one row per box')
+    record['rois']['features'] = feats
+  return record
+
+
+def _load_sidecar(path):
+  if not path:
+    return {}
+  with open(path) as f:
+    return {str(r['key']): r for r in (json.loads(line) for line in f if line.strip())}
+
+
+def _report_path(opts, task):
+  return writer.shard_path(opts.out_dir, opts.name, opts.split, task.index,
+                           task.count) + '.report.json'
+
+
+def run_task(task, opts):
+  """Writes one shard and its report (written last: the completion marker)."""
+  sidecar = _load_sidecar(opts.sidecar)
+  report = {'written': 0, 'skipped': {}, 'examples': {}}
+
+  def records():
+    for key, image, fields in _READERS[task.kind](task, opts):
+      fields = {**fields, **sidecar.get(key, {})}
+      reason = 'missing_image'
+      if image is not None:
+        try:
+          yield make_record(image, fields, opts)
+          continue
+        except ops.BadRecord as e:
+          reason = e.reason
+      report['skipped'][reason] = report['skipped'].get(reason, 0) + 1
+      keys = report['examples'].setdefault(reason, [])
+      if len(keys) < _EXAMPLES_PER_REASON:
+        keys.append(key)
+
+  features = writer.record_features(opts.roi_feature_dim)
+  report['written'] = writer.write_shard(
+      writer.shard_path(opts.out_dir, opts.name, opts.split, task.index, task.count),
+      features, records())
+  with open(_report_path(opts, task), 'w') as f:
+    json.dump(report, f)
+  return report
+
+
+def _run_task_star(args):
+  return run_task(*args)
+
+
+def build(inputs, opts, *, fmt=None, shard_size=5000, workers=1, progress=True):
+  """Ingests `inputs` into `opts.out_dir` as split `opts.split`; returns the report.
+
+  Shards whose report exists are kept, so an interrupted build resumes where it
+  stopped. Other splits already in the directory are kept in dataset_info.json.
+  """
+  os.makedirs(opts.out_dir, exist_ok=True)
+  tasks = plan(inputs, fmt, shard_size)
+  todo = [t for t in tasks if not os.path.exists(_report_path(opts, t))]
+  if todo:
+    bar = tqdm.tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit='shard',
+                    desc=f'{opts.name}/{opts.split}', disable=not progress)
+    jobs = [(t, opts) for t in todo]
+    if workers > 1:
+      with multiprocessing.get_context('spawn').Pool(min(workers, len(todo))) as pool:
+        for _ in pool.imap_unordered(_run_task_star, jobs):
+          bar.update()
+    else:
+      for job in jobs:
+        _run_task_star(job)
+        bar.update()
+    bar.close()
+  report = summarize(opts, tasks)
+  report['shards_built'] = len(todo)
+  _write_info(opts)
+  with open(os.path.join(opts.out_dir, f'{opts.name}-{opts.split}.report.json'), 'w') as f:
+    json.dump(report, f, indent=2)
+  return report
+
+
+def summarize(opts, tasks):
+  """Adds up the shard reports of a split."""
+  total = {'split': opts.split, 'written': 0, 'skipped': {}, 'examples': {},
+           'shard_lengths': []}
+  for task in tasks:
+    with open(_report_path(opts, task)) as f:
+      r = json.load(f)
+    total['written'] += r['written']
+    total['shard_lengths'].append(r['written'])
+    for reason, n in r['skipped'].items():
+      total['skipped'][reason] = total['skipped'].get(reason, 0) + n
+      keys = total['examples'].setdefault(reason, [])
+      keys += r['examples'][reason][:_EXAMPLES_PER_REASON - len(keys)]
+  return total
+
+
+def _write_info(opts):
+  """dataset_info.json over every split whose shards are all reported."""
+  pattern = re.compile(rf'{re.escape(opts.name)}-(.+)\.{writer.FILE_FORMAT}-(\d+)-of-(\d+)'
+                       r'\.report\.json$')
+  shards = {}
+  for fname in os.listdir(opts.out_dir):
+    m = pattern.match(fname)
+    if m:
+      with open(os.path.join(opts.out_dir, fname)) as f:
+        shards.setdefault(m[1], {})[int(m[2])] = (int(m[3]), json.load(f)['written'])
+  lengths = {split: [n for _, (_, n) in sorted(found.items())]
+             for split, found in shards.items()
+             if len(found) == next(iter(found.values()))[0]}
+  writer.write_info(opts.out_dir, opts.name, writer.record_features(opts.roi_feature_dim),
+                    lengths, description='Ingested with hvla.tools.build_dataset.')
