@@ -19,6 +19,7 @@ setuptools.setup(
         "ml-collections>=1.1,<1.2",
         "clu>=0.0.12,<0.1",
         "tensorflow-cpu>=2.21,<2.22",
+        "tensorboard>=2.19",
         "numpy>=1.26",
         "pillow>=10",
     ],

@@ -1,0 +1,85 @@
+"""Pieces shared by hvla's config files.
+
+A config file defines `get_config(arg=None)`; `arg` is the text after the colon in
+`--config=configs/clip_vitb16.py:runlocal,batch=64`, parsed by `parse_arg`.
+"""
+import ml_collections
+
+
+def parse_arg(arg, **spec):
+  """Parses 'flag,key=value' into a ConfigDict typed like the defaults in `spec`.
+
+  `parse_arg('runlocal,batch=64', runlocal=False, batch=256)` gives
+  `runlocal=True, batch=64`. A bare name sets a boolean; values are converted to the
+  type of their default. Unknown names fail with the name and the known ones.
+  """
+  result = ml_collections.ConfigDict(spec)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = (s.strip() for s in item.partition("="))
+    if key not in spec:
+      raise ValueError(f"Unknown config argument {key!r}; known: {sorted(spec)}.")
+    default = spec[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ValueError(f"Config argument {key!r} needs a value ({key}=...).")
+      result[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"Config argument {key!r} is boolean, got {value!r}.")
+      result[key] = value.lower() in ("true", "1")
+    elif default is None:
+      result[key] = value
+    else:
+      try:
+        result[key] = type(default)(value)
+      except ValueError:
+        raise ValueError(
+            f"Config argument {key!r} expects {type(default).__name__}, got {value!r}."
+        ) from None
+  return result
+
+
+def runlocal(config):
+  """Shrinks a config to tiny towers on the built-in dataset: minutes on a laptop CPU."""
+  config.batch_size = 64
+  config.total_steps = 600
+  config.total_epochs = None
+  config.total_examples = None
+  config.schedule.warmup_steps = 50
+  config.schedule.warmup_epochs = None
+  config.schedule.warmup_examples = None
+  config.optimizer.lr = 1e-3
+  config.optimizer.weight_decay = 0.05
+
+  config.model.embed_dim = 128
+  config.model.dtype = "float32"
+  image = config.model.image
+  image.image_size, image.patch_size = 64, 8
+  image.width, image.depth, image.heads = 128, 4, 4
+  text = config.model.text
+  text.vocab_size, text.max_len = 512, 32
+  text.width, text.depth, text.heads = 128, 4, 4
+
+  config.data.dataset = "hvla_shapes"
+  config.data.text.tokenizer = None  # The dataset's own, trained on its captions.
+  config.data.text.max_len = text.max_len
+  for view in config.data.views.values():
+    view.size = image.image_size
+
+  config.log_every = 25
+  config.checkpoint_every = 200
+  config.evals = shapes_evals(every_steps=200)
+  return config
+
+
+def shapes_evals(every_steps):
+  """Zero-shot (shape and colour of the largest object) and retrieval on hvla_shapes."""
+  from hvla import evaluators  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict({
+      "zeroshot_shape": evaluators.default_eval_config(
+          "zeroshot", every_steps=every_steps, label="shape", split="validation"),
+      "zeroshot_color": evaluators.default_eval_config(
+          "zeroshot", every_steps=every_steps, label="color", split="validation"),
+      "retrieval": evaluators.default_eval_config(
+          "retrieval", every_steps=every_steps, split="validation"),
+  })

@@ -1,0 +1,88 @@
+"""The optimizer: AdamW with decay masks, regex freezing, clipping and LR schedules.
+
+Lengths (`total_*`, `schedule.warmup_*`) are given in steps, epochs or examples and are
+all converted to steps here, so the rest of the trainer only counts steps.
+"""
+import re
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def path_name(path):
+  """'img/blocks_0/attn/kernel' for a jax tree path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                  for k in path)
+
+
+def match_tree(params, patterns):
+  """A bool tree: does any regex in `patterns` search the parameter's path name."""
+  compiled = [re.compile(p) for p in patterns]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(c.search(path_name(path)) for c in compiled), params)
+
+
+def to_steps(config, key_prefix, section, examples_per_epoch):
+  """Converts `<prefix>steps|epochs|examples` of `section` into a step count (or None)."""
+  steps = section[f"{key_prefix}steps"]
+  epochs = section[f"{key_prefix}epochs"]
+  examples = section[f"{key_prefix}examples"]
+  if steps is not None:
+    return int(steps)
+  if examples is not None:
+    return -(-int(examples) // config.batch_size)
+  if epochs is not None:
+    if not examples_per_epoch:
+      raise ValueError(f"{key_prefix}epochs needs the dataset size, which is unknown; "
+                       f"give {key_prefix}steps instead.")
+    return -(-int(epochs * examples_per_epoch) // config.batch_size)
+  return None
+
+
+def total_steps(config, examples_per_epoch=None):
+  return to_steps(config, "total_", config, examples_per_epoch)
+
+
+def make_schedule(config, examples_per_epoch=None):
+  """Warm-up then cosine / linear / rsqrt / constant, as a function of the step."""
+  total = total_steps(config, examples_per_epoch)
+  warmup = to_steps(config, "warmup_", config.schedule, examples_per_epoch) or 0
+  lr, end = config.optimizer.lr, config.schedule.end_factor
+  if warmup >= total:
+    raise ValueError(f"config.schedule: warm-up ({warmup} steps) must be shorter than "
+                     f"training ({total} steps).")
+  name = config.schedule.name
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = jnp.minimum(1.0, (step + 1) / max(warmup, 1))
+    progress = jnp.clip((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
+    if name == "cosine":
+      decay = end + (1 - end) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+    elif name == "linear":
+      decay = 1 - (1 - end) * progress
+    elif name == "rsqrt":
+      decay = jax.lax.rsqrt(jnp.maximum(step - warmup, 0.0) / max(warmup, 1) + 1.0)
+    else:
+      decay = jnp.ones_like(step)
+    return lr * warm * decay
+
+  return schedule
+
+
+def make_optimizer(config, params, examples_per_epoch=None):
+  """Returns (optax transformation, schedule). `params` fixes the masks' structure."""
+  opt = config.optimizer
+  schedule = make_schedule(config, examples_per_epoch)
+  decay_mask = jax.tree.map(lambda m: not m, match_tree(params, opt.no_decay))
+  tx = optax.chain(
+      optax.clip_by_global_norm(opt.clip_norm) if opt.clip_norm else optax.identity(),
+      optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                  weight_decay=opt.weight_decay, mask=decay_mask),
+  )
+  if opt.freeze:
+    frozen = match_tree(params, opt.freeze)
+    labels = jax.tree.map(lambda f: "frozen" if f else "trained", frozen)
+    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx, schedule
