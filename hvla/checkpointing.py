@@ -71,8 +71,12 @@ def find_checkpoint(path):
 def load_params(path):
   """The parameters of the newest checkpoint at `path`, as host numpy arrays."""
   root, step = find_checkpoint(path)
-  checkpointer = ocp.StandardCheckpointer()
-  state = checkpointer.restore(os.path.join(root, str(step), "state"))
+  state_dir = os.path.join(root, str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  # As host arrays: independent of the device topology the checkpoint was written on.
+  tree = checkpointer.metadata(state_dir).item_metadata.tree
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  state = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
   return state["params"], step
 
 

@@ -16,7 +16,12 @@ def train_args(workdir, data_dir):
           "--config.total_steps=4", "--config.checkpoint_every=4", "--config.log_every=2",
           "--config.batch_size=16", "--config.schedule.warmup_steps=2",
           "--config.model.image.depth=1", "--config.model.text.depth=1",
-          "--config.mesh.fsdp=2", f"--config.data.data_dir={data_dir}"]
+          "--config.mesh.fsdp=2", f"--config.data.data_dir={data_dir}",
+          "--config.data.shapes.image_size=32", "--config.data.shapes.num_train=256",
+          "--config.data.shapes.num_validation=64", "--config.data.shapes.num_test=64",
+          "--config.model.image.image_size=32", "--config.data.views.image.size=32",
+          # See test_train: keeps Adam from amplifying float-rounding noise.
+          "--config.optimizer.eps=1e-3"]
 
 
 def test_two_processes_equal_one(tmp_path):
