@@ -19,6 +19,8 @@ def get_clip_config(arg, patch_size):
   config.model.image.patch_size = patch_size
   config.model.dtype = "bfloat16"
   config.data.dataset = arg.data
+  config.data.views.image.size = config.model.image.image_size
+  config.data.text.max_len = config.model.text.max_len
   config.objective.name = "clip"
   config.objective.loss = arg.loss
   if arg.loss == "sigmoid":  # SigLIP: logit scale ln 10, bias -10.

@@ -105,6 +105,9 @@ def validate(config):
     evaluators.default_eval_config(
         ev.type, **{k: v for k, v in ev.items() if k != "type"})
 
+  _require(config.data.text.max_len <= config.model.text.max_len, "data.text.max_len",
+           f"{config.data.text.max_len} tokens do not fit the text tower's "
+           f"model.text.max_len={config.model.text.max_len}.")
   _require(config.batch_size > 0, "batch_size", f"must be positive, got {config.batch_size}.")
   lengths = [k for k in ("total_steps", "total_epochs", "total_examples")
              if config[k] is not None]
