@@ -29,7 +29,7 @@ def _png(i, size=(20, 16)):
 def _record(i, image=None, caption=None):
   return dict(image=_png(i) if image is None else image,
               caption=f'record number {i}' if caption is None else caption,
-              summary='', tags='', concepts=[],
+              captions=[], summary='', tags='', concepts=[],
               rois=dict(boxes=np.array([[0.1, 0.1, 0.6, 0.9]], np.float32), labels=['x']),
               phrases=np.zeros((0, 2), np.int32), phrase_boxes=np.zeros((0, 4), np.float32),
               label=i)
@@ -315,6 +315,9 @@ def test_classification_dataset_without_text(data, tmp_path):
     (lambda c: c.update(box_view='local'), 'box_view'),
     (lambda c: c.text.update(fields=('title',)), 'text.fields'),
     (lambda c: c.text.update(max_len=1), 'text.max_len'),
+    (lambda c: c.text.update(captions_per_image=0), 'text.captions_per_image'),
+    (lambda c: c.text.update(captions_per_image=5, fields=('summary',)),
+     'text.captions_per_image'),
     (lambda c: c.rois.update(max_regions=-1), 'rois.max_regions'),
     (lambda c: c.shapes.update(size=3), 'shapes.size'),
     (lambda c: c.shapes.update(image_size=4), 'shapes.image_size'),
@@ -353,3 +356,25 @@ def test_dataset_resolution_errors(data, tmp_path):
   c.text.tokenizer = data['tokenizer']
   with pytest.raises(ValueError, match="split 'validation'"):
     _loader(c, split='validation')
+
+
+def test_stored_phrases_follow_only_their_caption(data, tmp_path):
+  """Training draws among `captions`; the stored phrases and boxes index `caption` only,
+  another drawn caption gets chunked phrases without boxes."""
+  record = _record(0, caption='record number 1')
+  record.update(captions=['record number 1', 'record number 2'],
+                phrases=np.array([[0, 6]], np.int32),
+                phrase_boxes=np.array([[0.2, 0.2, 0.8, 0.8]], np.float32))
+  c = _config(data, image=dict(size=8))
+  c.dataset = writer.write_dataset(str(tmp_path / 'two'), 'two', _features(1),
+                                   {'train': [record]})
+  tok = tokenizer_lib.Tokenizer(data['tokenizer'])
+  first, second = tok.encode(['record number 1', 'record number 2'], 8)
+  batch = next(iter(_loader(c, global_batch_size=16)))  # 16 epochs of the one record.
+  is_first = (batch['tokens']['caption'] == first).all(axis=1)
+  assert is_first.any() and ((batch['tokens']['caption'] == second).all(axis=1)
+                             == ~is_first).all()
+  phrases = batch['phrases']
+  np.testing.assert_array_equal(phrases['spans'][is_first, 0], [[0, 1]] * is_first.sum())
+  assert phrases['boxes'][is_first, 0].all() and not phrases['boxes'][~is_first].any()
+  assert phrases['mask'][~is_first, 0].all()  # Chunked from the drawn caption.

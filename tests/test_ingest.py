@@ -72,8 +72,10 @@ def test_rows_jsonl_with_inline_fields_and_bad_images(tmp_path):
                  rois={'boxes': [[0.1, 0.2, 0.5, 0.9]], 'labels': ['blob']},
                  phrases=[[0, 9]], phrase_boxes=[[0.1, 0.2, 0.5, 0.9]])
   rows.append({'image': 'missing.img', 'caption': 'nothing here'})
-  rows.append({'image': 'rgb_jpeg.img', 'caption': '   '})
-  rows.append({'image': 'rgb_jpeg.img', 'caption': 'bad box', 'key': 'badbox',
+  for name in ('blank', 'badbox'):  # Rows naming one image would be one record.
+    (tmp_path / 'imgs' / f'{name}.img').write_bytes(images['rgb_jpeg'][0])
+  rows.append({'image': 'blank.img', 'caption': '   '})
+  rows.append({'image': 'badbox.img', 'caption': 'bad box', 'key': 'badbox',
                'rois': {'boxes': [[0.5, 0.5, 0.2, 0.2]]}})
   jsonl = tmp_path / 'rows.jsonl'
   jsonl.write_text('\n'.join(json.dumps(r) for r in rows))
@@ -254,3 +256,91 @@ def test_plan_and_format_detection(tmp_path):
   tasks = ingest.plan([str(rows)], shard_size=3)
   assert [len(t.rows) for t in tasks] == [3, 3, 1]
   assert [(t.index, t.count) for t in tasks] == [(0, 3), (1, 3), (2, 3)]
+
+
+# -------------------------------------------------------------------------------------
+# Several captions per image.
+# -------------------------------------------------------------------------------------
+def _captions_by_key(out):
+  return {r['caption']: [c.decode() for c in r['captions']] for r in _read_split(out)}
+
+
+def test_rows_naming_one_image_or_a_captions_list_make_one_record(tmp_path):
+  good = _images()['rgb_jpeg'][0]
+  for name in 'abcde':
+    (tmp_path / f'{name}.jpg').write_bytes(good)
+  rows = [
+      {'image': 'a.jpg', 'caption': 'a one', 'summary': 'first row wins'},
+      {'image': 'b.jpg', 'captions': ['b one', ' ', 'b two', 'b three']},
+      {'image': 'a.jpg', 'caption': 'a two', 'summary': 'ignored'},
+      {'image': 'c.jpg', 'caption': '  '},  # An empty first row: the next row's caption.
+      {'image': 'a.jpg', 'captions': ['a three', 'a four']},
+      {'image': 'c.jpg', 'caption': 'c one'},
+      {'image': 'd.jpg', 'caption': 'not used', 'captions': ['d one', 'd two']},
+      {'image': 'e.jpg', 'caption': 'e region one', 'key': 'e1'},  # Distinct keys:
+      {'image': 'e.jpg', 'caption': 'e region two', 'key': 'e2'},  # distinct samples.
+      {'image': 'missing.jpg', 'caption': 'gone'},
+      {'image': 'missing.jpg', 'caption': 'gone too'},
+  ]
+  path = tmp_path / 'rows.jsonl'
+  path.write_text('\n'.join(json.dumps(r) for r in rows))
+  tasks = ingest.plan([str(path)], shard_size=2)
+  assert [[len(sample) for sample in t.rows] for t in tasks] == [[3, 1], [2, 1], [1, 1], [2]]
+  out = str(tmp_path / 'out')
+  report = ingest.build([str(path)], ingest.Options(out_dir=out, name='multi'),
+                        shard_size=2, progress=False)
+  assert report['written'] == 6 and report['skipped'] == {'missing_image': 1}
+  assert _captions_by_key(out) == {
+      b'a one': ['a one', 'a two', 'a three', 'a four'],
+      b'b one': ['b one', 'b two', 'b three'],
+      b'c one': ['c one'],
+      b'd one': ['d one', 'd two'],
+      b'e region one': ['e region one'],
+      b'e region two': ['e region two']}
+  assert _read_split(out)[0]['summary'] == b'first row wins'
+
+
+def test_csv_rows_grouped_by_image_with_a_sidecar_list(tmp_path):
+  good = _images()['gray_png'][0]
+  for name in ('x', 'y', 'z'):
+    (tmp_path / f'{name}.png').write_bytes(good)
+  path = tmp_path / 'results.csv'  # Flickr30k's layout: one row per caption.
+  with open(path, 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(['image_name', 'comment'])
+    for row in [('y.png', 'y 0'), ('x.png', 'x 0'), ('y.png', 'y 1'), ('x.png', 'x 1'),
+                ('y.png', 'y 2'), ('z.png', 'z 0')]:
+      w.writerow(row)
+  sidecar = tmp_path / 'side.jsonl'  # A sidecar list replaces the rows' captions.
+  sidecar.write_text(json.dumps({'key': 'z', 'captions': ['z new', 'z newer']}))
+  out = str(tmp_path / 'out')
+  opts = ingest.Options(out_dir=out, name='flickr', image_key='image_name',
+                        caption_key='comment', sidecar=str(sidecar))
+  assert ingest.build([str(path)], opts, progress=False)['written'] == 3
+  assert _captions_by_key(out) == {b'y 0': ['y 0', 'y 1', 'y 2'], b'x 0': ['x 0', 'x 1'],
+                                   b'z new': ['z new', 'z newer']}
+
+
+def test_webdataset_json_and_tfrecord_lists_of_captions(tmp_path):
+  import tensorflow as tf
+  good = _images()['rgb_jpeg'][0]
+  tar = str(tmp_path / '00000.tar')
+  _write_tar(tar, [('k1.jpg', good), ('k1.txt', b'txt caption'),
+                   ('k1.json', json.dumps({'captions': ['json one', 'json two']}).encode()),
+                   ('k2.jpg', good), ('k2.txt', b'only txt')])
+  out = str(tmp_path / 'wds')
+  ingest.build([tar], ingest.Options(out_dir=out, name='wds'), progress=False)
+  assert _captions_by_key(out) == {b'json one': ['json one', 'json two'],
+                                   b'only txt': ['only txt']}
+
+  path = str(tmp_path / 'data.tfrecord')
+  with tf.io.TFRecordWriter(path) as w:
+    for texts in ([b'first', b'second', b'third'], [b'alone']):
+      w.write(tf.train.Example(features=tf.train.Features(feature={
+          'image/encoded': tf.train.Feature(bytes_list=tf.train.BytesList(value=[good])),
+          'caption': tf.train.Feature(bytes_list=tf.train.BytesList(value=texts)),
+      })).SerializeToString())
+  out = str(tmp_path / 'tfr')
+  ingest.build([path], ingest.Options(out_dir=out, name='tfr'), progress=False)
+  assert _captions_by_key(out) == {b'first': ['first', 'second', 'third'],
+                                   b'alone': ['alone']}

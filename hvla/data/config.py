@@ -36,6 +36,10 @@ def default_data_config():
       max_len=40,  # hvla_shapes captions take at most ~33 tokens.
       tokenizer=config_dict.placeholder(str),  # .model path; None: the dataset's own.
       num_concepts=4,  # ViCHA draws 4 concept words [paper].
+      # Evaluation: tokens/caption holds an image's first C captions, [C, max_len] per
+      # example (retrieval, COCO 5 / Flickr30k 5 [paper]); 1: the first, [max_len].
+      # Training always reads one caption, drawn among the image's [ours].
+      captions_per_image=1,
   )
   c.rois = dict(max_regions=10, min_visible=0.25)  # PyramidCLIP: up to 10 [paper].
   c.phrases = dict(max_phrases=8)  # LOUPE: up to 8 [ours].
@@ -109,6 +113,12 @@ def validate_data_config(config):
       _fail('text.fields', f'unknown field {field!r} (known: {TEXT_FIELDS})')
   if config.text.max_len < 2:
     _fail('text.max_len', f'must be >= 2 (a token and EOS), got {config.text.max_len}')
+  per_image = config.text.captions_per_image
+  if isinstance(per_image, bool) or not (isinstance(per_image, int) and per_image >= 1):
+    _fail('text.captions_per_image', f'must be an int >= 1, got {per_image!r}')
+  if per_image > 1 and 'caption' not in config.text.fields:
+    _fail('text.captions_per_image', f'{per_image} captions per image are emitted as '
+          f'tokens/caption, but text.fields={tuple(config.text.fields)} has no caption')
   for key in ('rois.max_regions', 'phrases.max_phrases', 'text.num_concepts',
               'worker_count', 'prefetch'):
     group, _, name = key.rpartition('.')

@@ -16,7 +16,7 @@ from hvla.data.text import as_str
 _MALFORMED = (ValueError, TypeError, IndexError, KeyError, UnicodeDecodeError)
 
 
-def layout(config, views, features):
+def layout(config, views, features, train=True):
   """(shape, dtype) of every field of one example, as the nested batch dict."""
   spec = {'images': {v: ((o['size'], o['size'], 3), np.float32) for v, o in views.items()},
           'augs': {v: ((len(ops.AUG_FIELDS),), np.float32) for v in views},
@@ -24,6 +24,9 @@ def layout(config, views, features):
   fields, length = config.text.fields, config.text.max_len
   if fields:
     spec['tokens'] = {f: ((length,), np.int32) for f in fields}
+    per_image = captions_per_image(config, train)
+    if per_image > 1:
+      spec['tokens']['caption'] = ((per_image, length), np.int32)
   m = config.rois.max_regions
   if m:
     spec['rois'] = {'boxes': ((m, 4), np.float32), 'mask': ((m,), np.bool_)}
@@ -40,6 +43,11 @@ def layout(config, views, features):
   return spec
 
 
+def captions_per_image(config, train):
+  """Caption rows of `tokens/caption`: C in evaluation, 1 (a drawn caption) in training."""
+  return 1 if train else config.text.captions_per_image
+
+
 def roi_feature_dim(features):
   rois = features['rois'] if 'rois' in features else {}
   return rois['features'].shape[-1] if 'features' in rois else 0
@@ -53,6 +61,11 @@ def check_features(config, features, name):
   if config.text.fields and 'caption' not in features:
     raise ValueError(f'config.data.text.fields={tuple(config.text.fields)} but dataset '
                      f'{name!r} has no caption; set config.data.text.fields=()')
+  per_image = config.text.captions_per_image
+  if per_image > 1 and 'captions' not in features:
+    raise ValueError(f'config.data.text.captions_per_image={per_image} but dataset {name!r} '
+                     'has no captions feature (several captions per image); build it with '
+                     'python -m hvla.tools.build_dataset or set captions_per_image=1')
   for label in config.labels:
     if label not in features:
       raise ValueError(f'config.data.labels: dataset {name!r} has no feature {label!r} '
@@ -81,13 +94,14 @@ class ExampleBuilder(grain.transforms.RandomMap):
     self._tokenizer = tokenizer
     self._train = train
     self._text = config.text.to_dict()
+    self._captions_per_image = captions_per_image(config, train)
     self._max_regions = config.rois.max_regions
     self._min_visible = config.rois.min_visible
     self._max_phrases = config.phrases.max_phrases
     self._labels = tuple(config.labels)
     self._mean, self._std = tuple(config.normalization.mean), tuple(config.normalization.std)
     self._limits = config.image_limits.to_dict()
-    self._spec = layout(config, views, features)
+    self._spec = layout(config, views, features, train)
     # Decode JPEGs at the lowest resolution that still feeds every view fully.
     self._draft_side = math.ceil(max(
         o['size'] / (math.sqrt(o['crop_scale'][0]) if train else 1.0)
@@ -138,18 +152,24 @@ class ExampleBuilder(grain.transforms.RandomMap):
     return example
 
   def _texts(self, record, roi_labels, box_augs, rng):
-    caption = as_str(record['caption']).strip()
-    if not caption:
+    captions = text_lib.record_captions(record)
+    if not captions:
       raise ops.BadRecord('empty_caption')
+    caption = captions[0]
+    if rng is not None and len(captions) > 1:
+      # Training reads one of the image's captions, drawn uniformly [ours]; the derived
+      # summary, tags, concepts and phrases follow it.
+      caption = captions[rng.integers(len(captions))]
     cfg, out = self._text, {'tokens': {}}
     for field in cfg['fields']:
-      if field == 'caption' and 'phrases' in self._spec:
-        tokens, phrases = self._caption_with_phrases(record, caption, box_augs)
-        out['tokens']['caption'], out['phrases'] = tokens, phrases
-        continue
       if field == 'caption':
-        text = caption
-      elif field == 'summary':
+        if 'phrases' in self._spec:
+          tokens, out['phrases'] = self._caption_with_phrases(record, caption, box_augs)
+        else:
+          tokens = self._tokenizer.encode([caption], cfg['max_len'])[0]
+        out['tokens']['caption'] = self._first_captions(tokens, captions)
+        continue
+      if field == 'summary':
         text = as_str(record.get('summary', b'')).strip() or text_lib.summary(caption)
       elif field == 'tags':
         text = as_str(record.get('tags', b'')).strip() or text_lib.tags(caption, roi_labels)
@@ -160,10 +180,20 @@ class ExampleBuilder(grain.transforms.RandomMap):
       out['tokens'][field] = self._tokenizer.encode([text], cfg['max_len'])[0]
     return out
 
+  def _first_captions(self, tokens, captions):
+    """The caption's `tokens` [L], or in evaluation with C > 1 captions per image [C, L]:
+    `tokens` (the first caption's), the next C - 1 captions, zero rows for absent ones."""
+    c, length = self._captions_per_image, self._text['max_len']
+    if c == 1:
+      return tokens
+    rows = [tokens, *self._tokenizer.encode(captions[1:c], length)]
+    return _padded(rows, c, (length,), np.int32)
+
   def _caption_with_phrases(self, record, caption, box_augs):
     spec, p = self._spec['phrases'], self._max_phrases
-    char_spans = np.asarray(record.get('phrases', np.zeros((0, 2))), np.int64).reshape(-1, 2)
-    boxes = np.asarray(record.get('phrase_boxes', np.zeros((0, 4))), np.float32)
+    own = caption == as_str(record['caption']).strip()  # Stored phrases index `caption`.
+    char_spans = np.asarray(record.get('phrases', ()) if own else (), np.int64).reshape(-1, 2)
+    boxes = np.asarray(record.get('phrase_boxes', ()) if own else (), np.float32)
     if not len(char_spans):  # No phrases stored: chunk the caption [ours].
       char_spans, boxes = text_lib.chunk_phrases(caption), np.zeros((0, 4), np.float32)
     tokens, spans, mask = self._tokenizer.encode_with_spans(

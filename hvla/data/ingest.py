@@ -2,10 +2,17 @@
 
 Inputs, one output shard per input unit:
 - `rows`: a JSONL / CSV / TSV file of (image path, caption) rows, images in a folder
-  (CC3M / CC12M style); `shard_size` rows per shard.
+  (CC3M / CC12M style); rows naming the same image (and `key`, if any) anywhere in a
+  file are one record with their captions in row order and the first row's other fields
+  (COCO / Flickr30k style); `shard_size` such samples per shard.
 - `webdataset`: img2dataset / webdataset tar shards; a sample is the run of members
   sharing a key: an image (jpg, png, ...) plus `txt` and/or `json` (with `caption`).
 - `tfrecord`: TFRecord files of tf.train.Example with encoded image and text features.
+
+Several captions per image: a sample's captions are its `captions` list (a JSON list in
+a row, the webdataset json or the sidecar) when it has one, else its caption (every
+value of a multi-valued TFRecord feature). Records store them all in `captions` and the
+first in `caption`.
 
 Optional fields (summary, tags, concepts, rois, phrases, phrase_boxes) come from the row
 itself, the webdataset `json`, or a `sidecar` JSONL keyed by `key`. Every image is decoded
@@ -59,7 +66,7 @@ class Task:
   count: int
   kind: str
   source: str
-  rows: tuple = ()  # rows: this shard's rows.
+  rows: tuple = ()  # rows: this shard's samples, each the tuple of its rows.
 
 
 def detect_format(path):
@@ -81,7 +88,21 @@ def _read_rows(path):
     return list(csv.DictReader(f, delimiter='\t' if path.lower().endswith('.tsv') else ','))
 
 
-def plan(inputs, fmt=None, shard_size=5000):
+def group_rows(rows, image_key=None):
+  """The rows of each sample, in order of first appearance.
+
+  A sample is an image and its `key`: rows naming the same image are one sample unless
+  their keys differ (e.g. regions of one image as samples of their own). Rows without an
+  image stay alone.
+  """
+  groups = {}
+  for i, row in enumerate(rows):
+    image = _pick(row, image_key, 'image')
+    groups.setdefault((image, row.get('key')) if image else i, []).append(row)
+  return [tuple(group) for group in groups.values()]
+
+
+def plan(inputs, fmt=None, shard_size=5000, image_key=None):
   """Splits the inputs into tasks, one per output shard, in a fixed order."""
   inputs = sorted(inputs)
   if not inputs:
@@ -92,8 +113,9 @@ def plan(inputs, fmt=None, shard_size=5000):
   units = []
   for path in inputs:
     if fmt == 'rows':
-      rows = _read_rows(path)
-      units += [(path, tuple(rows[i:i + shard_size])) for i in range(0, len(rows), shard_size)]
+      samples = group_rows(_read_rows(path), image_key)
+      units += [(path, tuple(samples[i:i + shard_size]))
+                for i in range(0, len(samples), shard_size)]
     else:
       units.append((path, ()))
   return [Task(i, len(units), fmt, path, rows) for i, (path, rows) in enumerate(units)]
@@ -108,9 +130,21 @@ def _pick(fields, key, role):
   return next((fields[k] for k in _DEFAULT_KEYS[role] if k in fields), None)
 
 
+def sample_captions(fields, caption_key=None):
+  """A sample's non-empty captions: its `captions` list, else its caption (one or a list)."""
+  def texts(value):
+    values = value if isinstance(value, (list, tuple, np.ndarray)) else [value]
+    values = (v.decode('utf-8', errors='replace') if isinstance(v, bytes) else str(v)
+              for v in values if v is not None)
+    return [v.strip() for v in values if v.strip()]
+  return texts(fields.get('captions')) or texts(_pick(fields, caption_key, 'caption'))
+
+
 def _rows_samples(task, opts):
   image_dir = opts.image_dir or os.path.dirname(os.path.abspath(task.source))
-  for row in task.rows:
+  for rows in task.rows:  # One sample: the first row's fields, every row's captions.
+    captions = [c for r in rows for c in sample_captions(r, opts.caption_key)]
+    row = {**rows[0], 'captions': captions}
     rel = _pick(row, opts.image_key, 'image')
     key = str(row.get('key') or (os.path.splitext(os.path.basename(rel))[0] if rel else ''))
     path = os.path.join(image_dir, rel) if rel else None
@@ -198,13 +232,10 @@ def _array(value, shape, dtype, name):
 
 def make_record(image, fields, opts):
   """One record of writer.record_features; raises BadRecord when unusable."""
-  caption = _pick(fields, opts.caption_key, 'caption')
-  if isinstance(caption, (list, tuple)):  # A multi-valued TFRecord feature: the first.
-    caption = caption[0] if caption else ''
-  caption = caption.decode('utf-8', errors='replace') if isinstance(caption, bytes) else caption
-  caption = str(caption or '').strip()
-  if not caption:
+  captions = sample_captions(fields, opts.caption_key)
+  if not captions:
     raise ops.BadRecord('empty_caption')
+  caption = captions[0]  # Phrases are spans into it.
   tags = fields.get('tags') or ''
   rois = fields.get('rois') or {}
   boxes = _array(rois.get('boxes'), (4,), np.float32, 'rois.boxes')
@@ -222,7 +253,7 @@ def make_record(image, fields, opts):
   if len(phrase_boxes) not in (0, len(phrases)):
     raise ops.BadRecord('malformed', 'phrase_boxes needs one box per phrase')
   record = dict(
-      image=clean_image(image, opts), caption=caption,
+      image=clean_image(image, opts), caption=caption, captions=captions,
       summary=str(fields.get('summary') or ''),
       tags=', '.join(tags) if isinstance(tags, list) else str(tags),
       concepts=[str(c) for c in fields.get('concepts') or []],
@@ -289,7 +320,7 @@ def build(inputs, opts, *, fmt=None, shard_size=5000, workers=1, progress=True):
   stopped. Other splits already in the directory are kept in dataset_info.json.
   """
   os.makedirs(opts.out_dir, exist_ok=True)
-  tasks = plan(inputs, fmt, shard_size)
+  tasks = plan(inputs, fmt, shard_size, opts.image_key)
   todo = [t for t in tasks if not os.path.exists(_report_path(opts, t))]
   if todo:
     bar = tqdm.tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit='shard',

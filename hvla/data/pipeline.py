@@ -167,8 +167,9 @@ def make_loader(data_config, *, split, global_batch_size, train, seed, process_i
                 process_count=None, num_epochs=None):
   """Host-local numpy batches of `global_batch_size // process_count` examples.
 
-  train=True: shuffled epochs (infinite, or `num_epochs`), random views, bad records
-  skipped. train=False: one ordered pass, centre-crop views, padded last batch.
+  train=True: shuffled epochs (infinite, or `num_epochs`), random views, one caption
+  drawn per image, bad records skipped. train=False: one ordered pass, centre-crop views,
+  `text.captions_per_image` captions per image, padded last batch.
   """
   views = config_lib.validate_data_config(data_config)
   if process_index is None or process_count is None:

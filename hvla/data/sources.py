@@ -6,7 +6,7 @@ import os
 import tensorflow_datasets as tfds
 
 from hvla.data import tokenizer as tokenizer_lib
-from hvla.data.text import as_str
+from hvla.data.text import as_str, record_captions
 from hvla.data.datasets import shapes
 
 TOKENIZER_FILE = 'tokenizer.model'  # Lives in the dataset directory, next to the data.
@@ -90,11 +90,17 @@ def data_source(builder, split):
 
 
 def dataset_texts(builder, split, fields, limit=None):
-  """Yields the non-empty text fields of a split's records (tokenizer training)."""
+  """Yields the non-empty text fields of a split's records (tokenizer training).
+
+  `caption` stands for every caption of an image (`captions`, else `caption`).
+  """
   source = data_source(builder, split)
   for i in range(min(len(source), limit or len(source))):
     record = source[i]
     for field in fields:
+      if field == 'caption':
+        yield from record_captions(record)
+        continue
       text = as_str(record.get(field, b'')).strip()
       if text:
         yield text

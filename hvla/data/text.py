@@ -22,6 +22,17 @@ def as_str(value):
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
+def record_captions(record):
+  """An image's non-empty captions in order: its `captions` list, else its one `caption`.
+
+  Records written without `captions` (or with it empty) have only `caption`; ingested
+  records have `caption == captions[0]`.
+  """
+  listed = [as_str(c).strip() for c in record.get('captions', ())]
+  listed = [c for c in listed if c]
+  return listed or [c for c in (as_str(record.get('caption', b'')).strip(),) if c]
+
+
 def summary(caption, max_words=12):
   """The caption's first clause cut to `max_words` words (PyramidCLIP's T_s stand-in)."""
   first = _CLAUSE_END.split(caption, maxsplit=1)[0]

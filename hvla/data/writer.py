@@ -22,6 +22,8 @@ def record_features(roi_feature_dim=0):
   return tfds.features.FeaturesDict({
       'image': tfds.features.Image(shape=(None, None, 3)),  # Stored as given: JPEG/PNG.
       'caption': tfds.features.Text(),
+      # Every caption of the image, `caption` first (COCO, Flickr30k: about 5).
+      'captions': tfds.features.Sequence(tfds.features.Text()),
       'summary': tfds.features.Text(),
       'tags': tfds.features.Text(),
       'concepts': tfds.features.Sequence(tfds.features.Text()),

@@ -22,7 +22,7 @@ def default_config():
   return ml_collections.ConfigDict(dict(
       type="retrieval",
       every_steps=1000,
-      data={},  # Overrides of the training config.data (dataset name, views...).
+      data={},  # Overrides of the training config.data (dataset, text.captions_per_image...).
       split=None,  # None: config.data.eval_split.
       view="image",  # Images are read from `images/<view>`.
       text="caption",  # Captions are read from `tokens/<text>`.

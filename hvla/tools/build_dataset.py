@@ -3,6 +3,10 @@ r"""Builds an hvla dataset (tfds array_record) from image-text files.
   # CC3M style: a folder of images and a TSV/CSV/JSONL of (image, caption) rows.
   python -m hvla.tools.build_dataset --inputs=cc3m/train.tsv --image_dir=cc3m/images \
       --out_dir=~/tensorflow_datasets/cc3m --split=train --workers=8
+  # COCO / Flickr30k style, several captions per image: rows naming the same image
+  # (one per caption, in any order), or one row per image with a JSON list `captions`.
+  python -m hvla.tools.build_dataset --inputs=coco_karpathy_test.jsonl \
+      --image_dir=coco/images --out_dir=/data/coco --split=test
   # img2dataset / webdataset tar shards, optional sidecar fields from a JSONL.
   python -m hvla.tools.build_dataset --inputs='shards/*.tar' --out_dir=/data/cc12m \
       --sidecar=cc12m_regions.jsonl
@@ -37,7 +41,7 @@ _SIDECAR = flags.DEFINE_string('sidecar', None, 'JSONL of optional fields by "ke
 _ROI_DIM = flags.DEFINE_integer('roi_feature_dim', 0,
                                 'Width of precomputed rois.features; 0: none.')
 _MAX_SIDE = flags.DEFINE_integer('max_side', None, 'Downscale longer sides above this.')
-_SHARD_SIZE = flags.DEFINE_integer('shard_size', 5000, 'rows: rows per output shard.')
+_SHARD_SIZE = flags.DEFINE_integer('shard_size', 5000, 'rows: images per output shard.')
 _WORKERS = flags.DEFINE_integer('workers', os.cpu_count() or 1, 'Parallel shard writers.')
 
 
