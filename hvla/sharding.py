@@ -39,6 +39,32 @@ def logical_shardings(boxed_tree, mesh, logical_rules):
   return nn.logical_to_mesh_sharding(specs, mesh, logical_rules)
 
 
+def like_params(tree, params, param_shardings, default):
+  """Shardings for a tree holding copies of the parameters (an optimizer state).
+
+  A leaf whose key path ends with a parameter's path and has its shape gets that
+  parameter's sharding (Adam's moments); anything else (counts, masked-out entries of
+  frozen parameters) gets `default`.
+  """
+  by_path = {}
+  for (path, p), s in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                          jax.tree.leaves(param_shardings)):
+    by_path[_keys(path)] = (p.shape, s)
+
+  def pick(path, leaf):
+    keys = _keys(path)
+    for start in range(len(keys)):
+      shape, s = by_path.get(keys[start:], (None, None))
+      if s is not None and shape == leaf.shape:
+        return s
+    return default
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def _keys(path):
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 def batch_sharding(mesh):
   """Leading axis over the batch axes of the mesh, the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES))

@@ -61,10 +61,8 @@ class Setup:
   def _state_shardings(self, params):
     param_shardings = sharding.logical_shardings(self._abstract_boxed, self.mesh, self.rules)
     replicated = sharding.replicated(self.mesh)
-    opt_shardings = optax.tree_map_params(
-        self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, params), param_shardings,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    opt_shardings = sharding.like_params(
+        jax.eval_shape(self.tx.init, params), params, param_shardings, replicated)
     return {"step": replicated, "params": param_shardings, "opt_state": opt_shardings,
             "rng": replicated}
 

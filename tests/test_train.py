@@ -121,3 +121,34 @@ def test_kill_and_resume_is_bit_exact(tmp_path, data_dir):
                  capture_output=True)
   assert checksum(killed) == checksum(straight)
   assert checksum(straight)[0] == 8
+
+
+def test_frozen_parameters_stay_put_on_a_sharded_mesh(data_dir):
+  config = tiny_config(data_dir)
+  config.optimizer.freeze = (r"^img/embedding/",)
+  config.mesh.update(data=2, fsdp=4, model=1)
+  pipeline.ensure_dataset(config.data)
+  loader = pipeline.make_loader(config.data, split="train", global_batch_size=16,
+                                train=True, seed=0, process_index=0, process_count=1)
+  batch = next(iter(loader))
+  setup = train.Setup(config)
+  state = setup.init_state()
+  before = jax.device_get(state["params"])
+  step = setup.compile_train_step(train.global_batch_spec(batch))
+  state, _ = step(state, sharding.make_global_batch(batch, setup.mesh))
+  after = jax.device_get(state["params"])
+  np.testing.assert_array_equal(after["img"]["embedding"]["kernel"],
+                                before["img"]["embedding"]["kernel"])
+  assert not np.array_equal(after["img"]["pos_embedding"], before["img"]["pos_embedding"])
+
+
+def test_sharding_like_params_matches_by_path_and_shape():
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+  split, whole = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(s))
+                  for s in ("fsdp", None))
+  params = {"a": {"w": np.zeros(8)}, "b": np.zeros(3)}
+  tree = {"count": np.zeros(()), "mu": {"a": {"w": np.zeros(8)}, "b": np.zeros(3)},
+          "other": {"w": np.zeros(5)}}
+  out = sharding.like_params(tree, params, {"a": {"w": split}, "b": whole}, whole)
+  assert out["mu"]["a"]["w"] is split and out["mu"]["b"] is whole
+  assert out["count"] is whole and out["other"]["w"] is whole
