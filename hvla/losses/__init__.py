@@ -61,3 +61,4 @@ def _path(cls):
 
 # Importing an objective's module registers it.
 from hvla.losses import clip  # noqa: E402,F401  pylint: disable=g-import-not-at-top
+from hvla.losses import pyramid  # noqa: E402,F401  pylint: disable=g-import-not-at-top

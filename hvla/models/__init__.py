@@ -3,7 +3,8 @@
 `get_model(config.model)` validates the config (unknown keys and impossible values
 raise a ValueError naming the key) and returns a `TwoTowers` module. Towers are
 picked from a registry by `image.name` / `text.name`; a new tower is a class with a
-`from_config(config, *, dtype, remat, scan)` classmethod, added with
+`from_config(config, *, dtype, remat, scan)` classmethod (image towers also take
+`pyramid`, the flat fields of `model.pyramid`), added with
 `register_tower('image', 'name')(cls)`.
 """
 import math
@@ -14,7 +15,7 @@ import ml_collections
 from hvla.models import layers
 from hvla.models.resnet import ResNet
 from hvla.models.text import TextTransformer
-from hvla.models.two_towers import TwoTowers, l2_normalize, logit_scale
+from hvla.models.two_towers import TwoTowers, l2_normalize, logit_scale, pool_boxes
 from hvla.models.vit import ViT
 
 DTYPES = ("float32", "bfloat16")
@@ -52,7 +53,26 @@ def default_model_config():
   c.text = ml_collections.ConfigDict(dict(
       name="transformer", vocab_size=49408, max_len=77, width=512, depth=12, heads=8,
       mlp_ratio=4.0, pooling="eot", causal=True))
+  # PyramidCLIP's image-tower parts (docs/pyramid.md); all off for plain CLIP.
+  c.pyramid = ml_collections.ConfigDict(dict(
+      f1_depth=ml_collections.config_dict.placeholder(int),  # None: 9 of 12 (a quarter in f2)
+      leff=False,  # LeFF feed-forward in the f1 blocks (ViT)
+      roi=dict(source=ml_collections.config_dict.placeholder(str),  # 'boxes' | 'features'
+               feature_dim=2048)))  # width of stored detector features
   return c
+
+
+def pyramid_fields(config):
+  """`model.pyramid` -> the image tower's fields (f1_depth, leff, roi, roi_feature_dim)."""
+  pyramid, default = config.pyramid, default_model_config().pyramid
+  for path, got, want in (("model.pyramid", pyramid, default),
+                          ("model.pyramid.roi", pyramid.get("roi", {}), default.roi)):
+    unknown, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
+    if unknown or missing:
+      raise ValueError(f"Unknown key(s) {[f'{path}.{k}' for k in unknown]}, missing key(s) "
+                       f"{[f'{path}.{k}' for k in missing]}; expected {sorted(want)}.")
+  return dict(f1_depth=pyramid.f1_depth, leff=pyramid.leff, roi=pyramid.roi.source,
+              roi_feature_dim=pyramid.roi.feature_dim)
 
 
 def get_model(config):
@@ -86,7 +106,8 @@ def get_model(config):
     name = config[kind].get("name")
     layers.check(name in _TOWERS[kind], f"model.{kind}.name",
                  f"unknown tower {name!r}, expected one of {sorted(_TOWERS[kind])}")
-    towers[kind] = _TOWERS[kind][name].from_config(config[kind], **shared)
+    extra = dict(pyramid=pyramid_fields(config)) if kind == "image" else {}
+    towers[kind] = _TOWERS[kind][name].from_config(config[kind], **extra, **shared)
   return TwoTowers(
       img=towers["image"], txt=towers["text"], embed_dim=config.embed_dim,
       dtype=shared["dtype"], logit_scale_init=float(config.logit_scale_init),
@@ -95,4 +116,4 @@ def get_model(config):
 
 
 __all__ = ["ResNet", "TextTransformer", "TwoTowers", "ViT", "default_model_config", "get_model",
-           "l2_normalize", "logit_scale", "register_tower"]
+           "l2_normalize", "logit_scale", "pool_boxes", "pyramid_fields", "register_tower"]

@@ -8,7 +8,8 @@ logical axis rules are active, so the same modules run on one CPU and on a pod.
 A block stack (`Encoder`) runs any sub-range `[start, stop)` of its blocks, so an
 objective can run the lower blocks, change the tokens, then run the upper ones, and
 it returns a per-block readout (the tower's pooling applied after every block) for
-layer-wise alignment.
+layer-wise alignment. The first `leff_depth` blocks may replace their MLP by a LeFF
+(PyramidCLIP's f1 blocks).
 """
 import dataclasses
 from typing import Any
@@ -128,25 +129,97 @@ class Mlp(nn.Module):
         bias_init=partitioned(nn.initializers.zeros, "embed"))(h)
 
 
+def quick_gelu(x):
+  """CLIP's GELU approximation x * sigmoid(1.702 x), used by the LeFF [paper]."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+LEFF_NORM_GROUPS = 32
+
+
+def depthwise_conv3x3(x, kernel):
+  """x [B, h, w, C] with one 3x3 filter per channel, kernel [3, 3, C], zero padding 1.
+
+  Nine shifted products rather than a grouped convolution, which XLA's CPU backend
+  runs (and its cost analysis counts) as a dense C x C convolution [ours].
+  """
+  h, w = x.shape[1:3]
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return sum(padded[:, i:i + h, j:j + w] * kernel[i, j] for i in range(3) for j in range(3))
+
+
+class Leff(nn.Module):
+  """Locally enhanced feed-forward on the patch tokens of a ViT [paper, PyramidCLIP code]:
+  Linear W->hidden, norm, QuickGELU; the tokens as their (h, w) grid, depthwise 3x3
+  convolution, norm, QuickGELU; Linear hidden->W, norm, QuickGELU.
+
+  [ours] The paper's BatchNorms become GroupNorms (LEFF_NORM_GROUPS groups, statistics
+  over one example's patch tokens): BatchNorm would mix the examples of a batch (the
+  objective's `embed` must stay per-example for exact gradient accumulation) and needs
+  mutable batch statistics that the pure train step does not carry. The depthwise
+  convolution has no bias (the norm after it has one).
+  """
+  hidden: int
+  grid: tuple[int, int]
+  dtype: Any = jnp.float32
+
+  def _norm(self, name, axis_name):
+    return nn.GroupNorm(
+        num_groups=LEFF_NORM_GROUPS, epsilon=LN_EPSILON, dtype=self.dtype, name=name,
+        scale_init=partitioned(nn.initializers.ones, axis_name),
+        bias_init=partitioned(nn.initializers.zeros, axis_name))
+
+  @nn.compact
+  def __call__(self, x):
+    b, p, width = x.shape
+    h, w = self.grid
+    if p != h * w:
+      raise ValueError(f"The LeFF got {p} patch tokens for a {h}x{w} grid.")
+    y = nn.Dense(
+        self.hidden, dtype=self.dtype, name="fc1",
+        kernel_init=partitioned(nn.initializers.xavier_uniform(), "embed", "mlp"),
+        bias_init=partitioned(nn.initializers.zeros, "mlp"))(x)
+    y = quick_gelu(self._norm("norm1", "mlp")(y))
+    kernel = self.param(
+        "conv_kernel", partitioned(nn.initializers.variance_scaling(
+            2.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2),
+            None, None, "mlp"), (3, 3, self.hidden))
+    y = depthwise_conv3x3(y.reshape(b, h, w, self.hidden), kernel.astype(self.dtype))
+    y = quick_gelu(self._norm("norm2", "mlp")(y.reshape(b, p, self.hidden)))
+    y = constrain(y, "act_batch", "act_len", "act_mlp")
+    y = nn.Dense(
+        width, dtype=self.dtype, name="fc2",
+        kernel_init=partitioned(nn.initializers.xavier_uniform(), "mlp", "embed"),
+        bias_init=partitioned(nn.initializers.zeros, "embed"))(y)
+    return quick_gelu(self._norm("norm3", "embed")(y))
+
+
 class Block(nn.Module):
   """Pre-norm transformer block. Returns (tokens, readout of the tokens).
 
   The readout is `pool(tokens, lengths, readout)`: the per-layer feature that
   layer-wise objectives align. Returning it from the block lets `nn.scan` stack it
   without keeping every layer's full token sequence.
+
+  With a `leff_grid` (h, w) the feed-forward is a `Leff` on the patch tokens (position
+  0, the class token, bypasses it [paper]) instead of the MLP.
   """
   mlp_dim: int
   heads: int
   readout: str
   causal: bool = False
   dtype: Any = jnp.float32
+  leff_grid: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, x, lengths=None):
     y = layer_norm(self.dtype, "norm1")(x)
     x = x + Attention(self.heads, self.causal, self.dtype, name="attn")(y, lengths)
     y = layer_norm(self.dtype, "norm2")(x)
-    x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(y)
+    if self.leff_grid is None:
+      x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(y)
+    else:
+      x = x.at[:, 1:].add(Leff(self.mlp_dim, self.leff_grid, self.dtype, name="leff")(y[:, 1:]))
     x = constrain(x, "act_batch", "act_len", "act_embed")
     return x, pool(x, lengths, self.readout)
 
@@ -157,6 +230,8 @@ class Encoder(nn.Module):
   Parameters live in `block_{i}` (one per block) or, with `scan=True`, in one
   `blocks` subtree whose leaves have a leading `layers` axis of size `depth`. A
   scanned sub-range slices that axis, so both layouts give the same results.
+  Blocks [0, leff_depth) use a LeFF instead of the MLP (not with `scan`: their
+  parameters differ from the other blocks').
   """
   depth: int
   mlp_dim: int
@@ -166,13 +241,21 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
   remat: str = "none"
   scan: bool = False
+  leff_depth: int = 0
 
   @nn.compact
-  def __call__(self, x, lengths=None, start=0, stop=None):
-    """Runs blocks [start, stop) on `x`; returns (x, readouts [stop - start, B, W])."""
+  def __call__(self, x, lengths=None, start=0, stop=None, grid=None):
+    """Runs blocks [start, stop) on `x`; returns (x, readouts [stop - start, B, W]).
+
+    `grid` (h, w) is the patch grid of x[:, 1:], needed when a LeFF block runs.
+    """
     stop = self.depth if stop is None else stop
     if not 0 <= start < stop <= self.depth:
       raise ValueError(f"Block range [{start}, {stop}) is empty or outside [0, {self.depth}).")
+    if self.scan and self.leff_depth:
+      raise ValueError("LeFF blocks cannot be scanned: set model.scan=False.")
+    if start < self.leff_depth and grid is None:
+      raise ValueError("LeFF blocks need the patch `grid`.")
     block = Block
     if self.remat != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
@@ -181,7 +264,8 @@ class Encoder(nn.Module):
     if not self.scan:
       readouts = []
       for i in range(start, stop):
-        x, r = block(**kwargs, name=f"block_{i}")(x, lengths)
+        leff_grid = tuple(grid) if i < self.leff_depth else None
+        x, r = block(**kwargs, leff_grid=leff_grid, name=f"block_{i}")(x, lengths)
         readouts.append(r)
       return x, jnp.stack(readouts)
     stack = nn.scan(
@@ -198,13 +282,15 @@ class Encoder(nn.Module):
 SHARED_FIELDS = ("dtype", "remat", "scan")  # set once in the model config, not per tower
 
 
-def tower_kwargs(cls, config, path):
+def tower_kwargs(cls, config, path, exclude=()):
   """Module keyword arguments from a tower config at `path`, rejecting unknown keys.
 
   `name` selects the tower and is dropped; every other key must be a field of `cls`
-  that the model config does not set for both towers (SHARED_FIELDS).
+  that the model config does not set for both towers (SHARED_FIELDS) nor elsewhere
+  (`exclude`, e.g. the fields `model.pyramid` sets).
   """
-  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", *SHARED_FIELDS}
+  fields = {f.name for f in dataclasses.fields(cls)} - {
+      "parent", "name", *SHARED_FIELDS, *exclude}
   unknown = sorted(set(config) - fields - {"name"})
   if unknown:
     raise ValueError(f"Unknown key(s) {', '.join(f'{path}.{k}' for k in unknown)}; "

@@ -14,7 +14,8 @@ as its shortcut (CLIP's initialisation).
 
 PyramidCLIP's RN50 split [paper, PyramidCLIP]: f1 = the convolutional trunk
 (`trunk`), f2 = the attention pool (`attnpool`); `flatten` turns the trunk's feature map
-into the tokens `attnpool` takes, and the three compose to `__call__` exactly.
+into the tokens `attnpool` takes, and the three compose to `__call__` exactly. `f1`,
+`f2` and `rois` are the same pieces behind the interface the ViT offers.
 
 Choices marked [ours]:
 - GroupNorm (`norm_groups`, 32 by default) replaces BatchNorm. BatchNorm would need a
@@ -29,8 +30,12 @@ Choices marked [ours]:
   keys and values are unchanged), so they share the pooled width and the image
   projection; the mean-token row is exactly CLIP's pooled output.
 - The positional embedding is resized bilinearly for other resolutions (as in ViT).
-- `attnpool(tokens, grid=None)` pools a set without spatial positions (e.g. region
-  features): only the query's positional embedding is added.
+- `attnpool(tokens, grid=None, mask=None)` pools a set without spatial positions (e.g.
+  region features): only the query's positional embedding is added; `mask` leaves
+  padded members out of the mean query and out of the keys.
+- The ROI path (`rois`, PyramidCLIP with this tower): region features -> a learned
+  linear map to the trunk's width -> the attention pool over the set (its mean query
+  plays the ViT's class token).
 - Convolutions start He-normal; the attention pool's projections and positional
   embedding start normal with std width**-0.5 (CLIP's scale).
 - CLIP's attention pool projects straight to the joint space; here its output is the
@@ -48,7 +53,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from hvla.models import layers
-from hvla.models.vit import resize_pos_embedding
+from hvla.models.vit import BOX_DIM, check_roi_fields, resize_pos_embedding
 
 STRIDE = 32  # the trunk's total downsampling
 EXPANSION = 4  # bottleneck output width / inner width
@@ -154,7 +159,8 @@ class AttentionPool(nn.Module):
   """Multi-head attention of [mean token; tokens] (+ positions) -> (pooled, tokens).
 
   `grid` (h, w) says the tokens are a raster-order feature map and adds the positional
-  embedding, resized from `native_grid`; None pools an unordered set.
+  embedding, resized from `native_grid`; None pools an unordered set. `mask` [B, P]
+  (True: real) leaves padded tokens out of the mean query and out of the keys.
   """
   heads: int
   output_dim: int
@@ -162,13 +168,20 @@ class AttentionPool(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, grid=None):
+  def __call__(self, x, grid=None, mask=None):
     width = x.shape[-1]
     init = nn.initializers.normal(width**-0.5)
     pos = self.param(
         "pos_embedding", layers.partitioned(init, None, "embed"),
         (1 + self.native_grid[0] * self.native_grid[1], width)).astype(self.dtype)
-    x = jnp.concatenate([jnp.mean(x, axis=1, keepdims=True), x], axis=1)
+    if mask is None:
+      query, keys = jnp.mean(x, axis=1, keepdims=True), None
+    else:
+      real = jnp.asarray(mask, bool)[..., None]
+      count = jnp.maximum(jnp.sum(real, axis=1, keepdims=True), 1).astype(x.dtype)
+      query = jnp.sum(jnp.where(real, x, 0), axis=1, keepdims=True) / count
+      keys = jnp.pad(real[..., 0], ((0, 0), (1, 0)), constant_values=True)[:, None, None]
+    x = jnp.concatenate([query, x], axis=1)
     if grid is None:
       x = x.at[:, 0].add(pos[0])
     else:
@@ -187,7 +200,7 @@ class AttentionPool(nn.Module):
         (self.heads, head_dim, self.output_dim), "bthd,hdo->bto", dtype=self.dtype,
         name="out", kernel_init=layers.partitioned(init, "heads", "kv", "embed"),
         bias_init=layers.partitioned(nn.initializers.zeros, "embed"))(
-            jax.nn.dot_product_attention(q, k, v))
+            jax.nn.dot_product_attention(q, k, v, mask=keys))
     y = layers.constrain(y, "act_batch", "act_len", "act_embed")
     return y[:, 0], y[:, 1:]
 
@@ -207,15 +220,29 @@ class ResNet(nn.Module):
   heads: int = 32
   output_dim: int = 1024
   norm_groups: int = 32
+  roi: str | None = None  # ROI path input: None, 'boxes' or 'features'
+  roi_feature_dim: int = 2048  # width of stored region features (roi='features')
   dtype: Any = jnp.float32
   remat: str = "none"
 
+  PYRAMID_FIELDS = ("roi", "roi_feature_dim")
+
   @classmethod
-  def from_config(cls, config, *, scan=False, **shared):
+  def from_config(cls, config, *, scan=False, pyramid=None, **shared):
+    """`config` is `model.image`; `pyramid` the flat PyramidCLIP fields from
+    `model.pyramid` (this tower takes `roi` and `roi_feature_dim`; its f1/f2 split is
+    fixed and it has no LeFF)."""
     path = "model.image"
     layers.check(not scan, "model.scan",
                  "the ResNet tower has no stack of identical blocks to scan; set it False")
-    tower = cls(**layers.tower_kwargs(cls, config, path), **shared)
+    pyramid = dict(pyramid or {})
+    layers.check(pyramid.pop("f1_depth", None) is None, "model.pyramid.f1_depth",
+                 "the ResNet's f1 is its trunk and f2 its attention pool; leave it None")
+    layers.check(not pyramid.pop("leff", False), "model.pyramid.leff",
+                 "the ResNet tower has no transformer feed-forward to replace")
+    kwargs = layers.tower_kwargs(cls, config, path, exclude=cls.PYRAMID_FIELDS)
+    tower = cls(**kwargs, **pyramid, **shared)
+    check_roi_fields(tower)
     stages = tower.layers
     layers.check(isinstance(stages, (tuple, list)) and len(stages) == 4
                  and all(isinstance(n, int) and n > 0 for n in stages), f"{path}.layers",
@@ -251,6 +278,16 @@ class ResNet(nn.Module):
               self.remat)
         for i, blocks in enumerate(self.layers)]
     self.attn_pool = AttentionPool(self.heads, self.output_dim, self.native_grid, self.dtype)
+    if self.roi:
+      self.roi_embedding = nn.Dense(
+          self.feature_width, dtype=self.dtype,
+          kernel_init=layers.partitioned(nn.initializers.lecun_normal(), None, "embed"),
+          bias_init=layers.partitioned(nn.initializers.zeros, "embed"))
+
+  @property
+  def roi_input_dim(self):
+    """Width of a region's input to the ROI path: its feature and its box."""
+    return (self.feature_width if self.roi == "boxes" else self.roi_feature_dim) + BOX_DIM
 
   def stem(self, images):
     """Images [B, H, W, 3] -> [B, H/4, W/4, width] (sizes floored)."""
@@ -266,12 +303,30 @@ class ResNet(nn.Module):
       x = stage(x)
     return x
 
-  def attnpool(self, tokens, grid=None):
+  def attnpool(self, tokens, grid=None, mask=None):
     """f2: tokens [B, P, C] -> (pooled [B, output_dim], tokens [B, P, output_dim]).
 
-    `grid` (h, w) with h * w = P for a flattened feature map; None for a set.
+    `grid` (h, w) with h * w = P for a flattened feature map; None for a set, whose
+    padded members `mask` [B, P] marks False.
     """
-    return self.attn_pool(tokens, grid)
+    return self.attn_pool(tokens, grid, mask)
+
+  # PyramidCLIP: f1, f2 and the ROI path, with the ViT's interface.
+
+  def f1(self, images, *, train=False):
+    """The trunk -> dict(tokens = patches [B, h * w, C] (the flattened feature map),
+    grid (h, w))."""
+    del train
+    tokens, grid = flatten(self.trunk(images))
+    return dict(tokens=tokens, patches=tokens, grid=grid)
+
+  def f2(self, tokens, grid):
+    """The attention pool on f1's `tokens` -> pooled [B, output_dim]."""
+    return self.attnpool(tokens, grid)[0]
+
+  def rois(self, regions, mask):
+    """ROI path: regions [B, M, roi_input_dim] with mask [B, M] -> [B, output_dim]."""
+    return self.attnpool(self.roi_embedding(regions), None, mask)[0]
 
   def __call__(self, images, *, train=False):
     del train  # no stochastic layer; GroupNorm is the same at train and eval time

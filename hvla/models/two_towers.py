@@ -9,6 +9,7 @@ Parameter tree (`params`, float32 whatever the compute dtype):
 | `img/pre_norm`, `img/norm` | LayerNorm `scale`, `bias` [W] | embed |
 | `img/encoder/block_{i}` | one block (below) per layer | |
 | `img/encoder/blocks` | with `scan`: the blocks stacked on a leading axis | layers, ... |
+| `img/roi_embedding/kernel`, `bias` | [F + 4, W], [W] (with `model.pyramid.roi.source`) | -, embed |
 | `txt/token_embedding/embedding` | [V, W] | vocab, embed |
 | `txt/pos_embedding` | [max_len, W] | -, embed |
 | `txt/encoder/...`, `txt/norm` | as for `img` | |
@@ -20,9 +21,18 @@ A block: `norm1`, `attn/qkv` (kernel [W, 3, H, W/H]: embed, -, heads, kv), `attn
 (kernel [H, W/H, W]: heads, kv, embed), `norm2`, `mlp/fc1` (embed, mlp), `mlp/fc2`
 (mlp, embed).
 
+An f1 block of a ViT with `model.pyramid.leff` has `leff/...` (fc1, norm1, conv_kernel
+[3, 3, 4W], norm2, fc2, norm3) in place of `mlp`.
+
 Every method is pure and reached through `model.apply(params, ..., method=...)`.
 Joint embeddings are float32 and L2-normalised; `pooled`, `tokens` and `cls_layers`
 keep the compute dtype.
+
+PyramidCLIP [paper] runs the image tower as f1 then f2 (`image_f1`, `image_f2`) and
+embeds a region sequence through f2 only (`image_rois`); `encode_image_with_rois` does
+both for one view. Region inputs are a feature per region followed by its box: stored
+detector features (`roi.source='features'`) or the f1 patch tokens pooled over the box
+(`roi.source='boxes'`, `pool_boxes`) [ours].
 """
 import math
 from typing import Any
@@ -32,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from hvla.models import layers
+from hvla.models.vit import BOX_DIM
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 100.
 
@@ -44,6 +55,28 @@ def logit_scale(params):
 def l2_normalize(x, eps=1e-6):
   x = x.astype(jnp.float32)
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def pool_boxes(patches, grid, boxes):
+  """Mean patch token in each box: patches [B, h*w, C] (raster order), boxes [B, M, 4]
+  (x0, y0, x1, y1) in [0, 1] -> [B, M, C].
+
+  [ours] Each patch cell weighs by the fraction of its area the box covers, so a box
+  smaller than a cell still reads the cells it touches; a box of zero area gets zeros.
+  """
+  h, w = grid
+  boxes = boxes.astype(jnp.float32)
+
+  def coverage(lo, hi, n):  # [B, M] -> [B, M, n]: overlap of [lo, hi] with each cell
+    edges = jnp.arange(n + 1, dtype=jnp.float32) / n
+    return jnp.clip(jnp.minimum(hi[..., None], edges[1:]) -
+                    jnp.maximum(lo[..., None], edges[:-1]), 0.0)
+
+  rows = coverage(boxes[..., 1], boxes[..., 3], h)
+  cols = coverage(boxes[..., 0], boxes[..., 2], w)
+  weights = (rows[..., :, None] * cols[..., None, :]).reshape(*boxes.shape[:2], h * w)
+  weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-12)
+  return jnp.einsum("bmp,bpc->bmc", weights.astype(patches.dtype), patches)
 
 
 class TwoTowers(nn.Module):
@@ -99,6 +132,9 @@ class TwoTowers(nn.Module):
     return out
 
   def __call__(self, images, tokens):
+    if self.roi_source and self.is_initializing():  # `init` also creates the ROI path.
+      self.img.rois(jnp.zeros((1, 1, self.img.roi_input_dim), self.dtype),
+                    jnp.ones((1, 1), bool))
     return self.encode_image(images), self.encode_text(tokens)
 
   # Pieces of the image tower, for objectives that run it in parts.
@@ -127,6 +163,61 @@ class TwoTowers(nn.Module):
   def text_norm(self, x):
     """The text tower's final LayerNorm on any [..., W] (e.g. `cls_layers`)."""
     return self.txt.norm(x)
+
+  # PyramidCLIP: the image tower as f1 then f2, and the ROI path through f2 only.
+
+  @property
+  def roi_source(self):
+    """Where region features come from: 'boxes', 'features', or None (no ROI path)."""
+    return getattr(self.img, "roi", None)
+
+  def _check_roi_path(self):
+    if self.roi_source is None:
+      raise ValueError("The ROI path needs model.pyramid.roi.source ('boxes' or 'features').")
+
+  def image_f1(self, images, *, train=False):
+    """f1 -> dict(tokens (f2's input), patches [B, P, W'] (the patch grid), grid)."""
+    return self.img.f1(images, train=train)
+
+  def image_f2(self, tokens, grid):
+    """f2 on `image_f1`'s tokens -> dict(embedding [B, D], pooled [B, W])."""
+    pooled = self.img.f2(tokens, grid)
+    return dict(embedding=self.image_project(pooled), pooled=pooled)
+
+  def image_rois(self, regions, boxes, mask):
+    """Regions through f2 only -> dict(embedding [B, D], pooled [B, W]).
+
+    regions [B, M, F]: one feature per region (stored, or `pool_boxes` of f1 patches);
+    boxes [B, M, 4]; mask [B, M] (True: a real region). Padded regions change nothing.
+    """
+    self._check_roi_path()
+    inputs = jnp.concatenate([regions, boxes.astype(regions.dtype)], axis=-1)
+    if inputs.shape[-1] != self.img.roi_input_dim:
+      raise ValueError(f"Region features have width {regions.shape[-1]}; the ROI path takes "
+                       f"{self.img.roi_input_dim - BOX_DIM} (model.pyramid.roi.feature_dim "
+                       "with roi.source='features', the f1 width with 'boxes').")
+    pooled = self.img.rois(inputs, mask)
+    return dict(embedding=self.image_project(pooled), pooled=pooled)
+
+  def encode_image_with_rois(self, images, rois, *, train=False):
+    """One view and its regions, f1 run once -> dict(embedding, pooled, roi_embedding,
+    roi_pooled).
+
+    `rois`: dict(boxes [B, M, 4] in the view's coordinates, mask [B, M], and features
+    [B, M, F] when `roi_source` is 'features').
+    """
+    self._check_roi_path()
+    f1 = self.image_f1(images, train=train)
+    out = self.image_f2(f1["tokens"], f1["grid"])
+    if self.roi_source == "boxes":
+      regions = pool_boxes(f1["patches"], f1["grid"], rois["boxes"])
+    elif "features" in rois:
+      regions = rois["features"]
+    else:
+      raise ValueError("roi.source='features' needs rois/features in the batch; the "
+                       "dataset has no stored region features (use roi.source='boxes').")
+    roi = self.image_rois(regions, rois["boxes"], rois["mask"])
+    return dict(out, roi_embedding=roi["embedding"], roi_pooled=roi["pooled"])
 
   def image_project(self, x):
     """[..., W] image features -> L2-normalised float32 joint embeddings [..., D]."""

@@ -7,12 +7,20 @@ into `stem`, `blocks(x, start, stop)` and `head` lets PyramidCLIP run f1 = block
 and f2 = blocks[9:] and get exactly the whole tower, and lets objectives edit the
 token sequence in between (ROIs, concept tokens, masking).
 
+PyramidCLIP's pieces [paper, official model code]: `f1` (stem and the first
+`f1_blocks` blocks) and `f2` (the remaining blocks and the head) compose to the whole
+tower; with `leff` the f1 blocks replace their MLP by a LeFF (`layers.Leff`); with a
+`roi` source the tower owns the ROI path `rois`: region features -> a learned linear
+map to the width -> the class embedding prepended (no positional embedding) -> pre-LN
+-> only the f2 blocks -> the final LN on the class token.
+
 Choices marked [ours]: the patch embedding is a matmul on flattened patches (the
 same function as CLIP's stride-p convolution); the positional embedding is resized
 bilinearly for other resolutions; `gap` pooling keeps the class token in the
 sequence and averages the patch tokens; patch dropout draws from the `dropout` rng
-stream.
+stream; for depths other than 12, f2 is the last quarter of the blocks (at least one).
 """
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -49,6 +57,49 @@ def drop_patches(x, keep, rng):
   return jnp.take_along_axis(x, kept[..., None], axis=1)
 
 
+def real_first(x, mask):
+  """Moves the real (mask True) items of x [B, M, ...] before the padded ones, keeping
+  their order; returns (x, number of real items [B])."""
+  mask = jnp.asarray(mask, bool)
+  order = jnp.argsort(~mask, axis=1, stable=True)
+  return jnp.take_along_axis(x, order[..., None], axis=1), jnp.sum(mask, axis=1)
+
+
+ROI_SOURCES = (None, "boxes", "features")
+BOX_DIM = 4  # (x0, y0, x1, y1), appended to every region feature [paper]
+
+
+def check_roi_fields(tower, path="model.pyramid"):
+  """Checks the PyramidCLIP fields an image tower shares (`roi`, `roi_feature_dim`)."""
+  layers.check(tower.roi in ROI_SOURCES, f"{path}.roi.source",
+               f"unknown source {tower.roi!r}, expected one of {ROI_SOURCES}")
+  layers.check(isinstance(tower.roi_feature_dim, int) and tower.roi_feature_dim > 0,
+               f"{path}.roi.feature_dim",
+               f"must be a positive integer, got {tower.roi_feature_dim!r}")
+
+
+def _check_split(tower, path="model.pyramid"):
+  """Checks f1_depth and the LeFF against the rest of the tower."""
+  if tower.f1_depth is not None or tower.leff or tower.roi:
+    layers.check(isinstance(tower.f1_blocks, int) and 0 < tower.f1_blocks < tower.depth,
+                 f"{path}.f1_depth", f"f1 must hold 1 to depth-1={tower.depth - 1} blocks, "
+                 f"got {tower.f1_blocks!r}")
+  layers.check(isinstance(tower.leff, bool), f"{path}.leff",
+               f"must be a bool, got {tower.leff!r}")
+  if tower.leff:
+    layers.check(not tower.scan, "model.scan", "LeFF blocks cannot be scanned; set it False")
+    layers.check(tower.patch_dropout == 0, "model.image.patch_dropout",
+                 "the LeFF convolves the full patch grid; set it to 0")
+    hidden = int(tower.width * tower.mlp_ratio)
+    groups = layers.LEFF_NORM_GROUPS
+    layers.check(tower.width % groups == 0 and hidden % groups == 0, "model.image.width",
+                 f"the LeFF's GroupNorms need width ({tower.width}) and width * mlp_ratio "
+                 f"({hidden}) divisible by {groups}")
+  if tower.roi == "boxes":
+    layers.check(tower.patch_dropout == 0, "model.image.patch_dropout",
+                 "roi.source='boxes' pools the full f1 patch grid; set it to 0")
+
+
 class ViT(nn.Module):
   """Image tower. `__call__(images, train)` = head(blocks(stem(images))).
 
@@ -64,14 +115,23 @@ class ViT(nn.Module):
   mlp_ratio: float = 4.0
   pool: str = "cls"
   patch_dropout: float = 0.0
+  f1_depth: int | None = None  # None: `depth - max(1, depth // 4)` (9 of 12 [paper])
+  leff: bool = False
+  roi: str | None = None  # ROI path input: None, 'boxes' or 'features'
+  roi_feature_dim: int = 2048  # width of stored region features (roi='features')
   dtype: Any = jnp.float32
   remat: str = "none"
   scan: bool = False
 
+  PYRAMID_FIELDS = ("f1_depth", "leff", "roi", "roi_feature_dim")
+
   @classmethod
-  def from_config(cls, config, **shared):
+  def from_config(cls, config, *, pyramid=None, **shared):
+    """`config` is `model.image`; `pyramid` the flat PyramidCLIP fields from
+    `model.pyramid` (f1_depth, leff, roi, roi_feature_dim)."""
     path = "model.image"
-    tower = cls(**layers.tower_kwargs(cls, config, path), **shared)
+    kwargs = layers.tower_kwargs(cls, config, path, exclude=cls.PYRAMID_FIELDS)
+    tower = cls(**kwargs, **(pyramid or {}), **shared)
     layers.check_transformer(tower, path)
     layers.check_positive_ints(tower, path, "image_size", "patch_size")
     layers.check(tower.image_size % tower.patch_size == 0, f"{path}.image_size",
@@ -80,7 +140,21 @@ class ViT(nn.Module):
                  f"unknown pooling {tower.pool!r}, expected 'cls' or 'gap'")
     layers.check(0 <= tower.patch_dropout < 1, f"{path}.patch_dropout",
                  f"must be in [0, 1), got {tower.patch_dropout!r}")
+    check_roi_fields(tower)
+    _check_split(tower)
     return tower
+
+  @property
+  def f1_blocks(self):
+    """Blocks in f1: `f1_depth`, else all but the last quarter (at least one) [ours]."""
+    if self.f1_depth is not None:
+      return self.f1_depth
+    return self.depth - max(1, self.depth // 4)
+
+  @property
+  def roi_input_dim(self):
+    """Width of a region's input to the ROI path: its feature and its box."""
+    return (self.width if self.roi == "boxes" else self.roi_feature_dim) + BOX_DIM
 
   @property
   def native_grid(self):
@@ -103,8 +177,14 @@ class ViT(nn.Module):
     self.pre_norm = layers.layer_norm(self.dtype)
     self.encoder = layers.Encoder(
         depth=self.depth, mlp_dim=int(self.width * self.mlp_ratio), heads=self.heads,
-        readout=self.pool, dtype=self.dtype, remat=self.remat, scan=self.scan)
+        readout=self.pool, dtype=self.dtype, remat=self.remat, scan=self.scan,
+        leff_depth=self.f1_blocks if self.leff else 0)
     self.norm = layers.layer_norm(self.dtype)
+    if self.roi:
+      self.roi_embedding = nn.Dense(
+          self.width, dtype=self.dtype,
+          kernel_init=layers.partitioned(nn.initializers.lecun_normal(), None, "embed"),
+          bias_init=layers.partitioned(nn.initializers.zeros, "embed"))
 
   def stem(self, images, *, train=False):
     """Images [B, H, W, 3] -> tokens [B, 1 + P, W]: class token first, then patches.
@@ -123,9 +203,19 @@ class ViT(nn.Module):
     x = jnp.concatenate([cls, x], axis=1)
     return layers.constrain(self.pre_norm(x), "act_batch", "act_len", "act_embed")
 
-  def blocks(self, x, start=0, stop=None):
-    """Runs blocks [start, stop); returns (x, cls_layers [stop - start, B, W])."""
-    return self.encoder(x, None, start, stop)
+  def blocks(self, x, start=0, stop=None, *, grid=None, lengths=None):
+    """Runs blocks [start, stop); returns (x, cls_layers [stop - start, B, W]).
+
+    `grid`: the patch grid of x[:, 1:], for LeFF blocks (None: a square grid).
+    `lengths` [B]: only the first lengths[b] tokens are real (keys past them are masked).
+    """
+    if self.leff and start < self.f1_blocks and grid is None:
+      side = math.isqrt(x.shape[1] - 1)
+      if side * side != x.shape[1] - 1:
+        raise ValueError(f"{x.shape[1] - 1} patch tokens are not a square grid; pass `grid` "
+                         "to the LeFF blocks.")
+      grid = (side, side)
+    return self.encoder(x, lengths, start, stop, grid)
 
   def head(self, x):
     """Final norm and pooling: x [B, 1 + P, W] -> (pooled [B, W], tokens [B, P, W])."""
@@ -134,8 +224,38 @@ class ViT(nn.Module):
 
   def __call__(self, images, *, train=False):
     x = self.stem(images, train=train)
-    x, cls_layers = self.blocks(x)
+    grid = self.patch_grid(images)
+    x, cls_layers = self.blocks(x, grid=grid)
     pooled, tokens = self.head(x)
-    grid = tuple(s // self.patch_size for s in images.shape[1:3])
     return dict(pooled=pooled, tokens=tokens, cls_layers=cls_layers, grid=grid)
+
+  def patch_grid(self, images):
+    """(h, w) patches of `images` [B, H, W, 3]."""
+    return tuple(s // self.patch_size for s in images.shape[1:3])
+
+  # PyramidCLIP: f1, f2 and the ROI path.
+
+  def f1(self, images, *, train=False):
+    """Stem and the f1 blocks -> dict(tokens [B, 1 + P, W] (f2's input), patches
+    [B, P, W] (their patch grid, for box pooling), grid (h, w))."""
+    grid = self.patch_grid(images)
+    x, _ = self.blocks(self.stem(images, train=train), 0, self.f1_blocks, grid=grid)
+    return dict(tokens=x, patches=x[:, 1:], grid=grid)
+
+  def f2(self, tokens, grid):
+    """The f2 blocks and the head on f1's `tokens` -> pooled [B, W]."""
+    x, _ = self.blocks(tokens, self.f1_blocks, grid=grid)
+    return self.head(x)[0]
+
+  def rois(self, regions, mask):
+    """ROI path: regions [B, M, roi_input_dim] with mask [B, M] (True: real) -> [B, W].
+
+    Padded regions never change the result: they are moved behind the real ones and
+    masked out as keys (without positional embeddings the order has no meaning).
+    """
+    x, count = real_first(self.roi_embedding(regions), mask)
+    cls = jnp.broadcast_to(self.cls.astype(self.dtype), (x.shape[0], 1, self.width))
+    x = self.pre_norm(jnp.concatenate([cls, x], axis=1))
+    x, _ = self.blocks(x, self.f1_blocks, lengths=1 + count)
+    return self.norm(x[:, 0])
 
