@@ -4,9 +4,9 @@ r"""Measures the train step of a config on synthetic batches of the config's lay
   python -m hvla.tools.benchmark --config=configs/clip_vitb16.py --batch=4096 --aot
 
 Prints compile time, median step time over --steps timed steps (after --warmup), examples/s,
-FLOPs per step from XLA's cost analysis, achieved TFLOP/s, MFU (when the device's peak is
-known or given with --peak_tflops) and peak memory. With --aot it only compiles for the
-configured mesh and batch and reports the per-device memory of the compiled executable,
+the model's FLOPs per step (see `model_flops`), achieved TFLOP/s, MFU (when the device's
+peak is known or given with --peak_tflops) and peak memory. With --aot it only compiles for
+the configured mesh and batch and reports the per-device memory of the compiled executable,
 so an out-of-memory configuration shows before any hardware is booked.
 """
 import json
@@ -24,13 +24,21 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:args].")
-_BATCH = flags.DEFINE_integer("batch", None, "Global batch size (default: the config's).")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-_AOT = flags.DEFINE_bool("aot", False, "Compile only and report memory.")
-_PEAK = flags.DEFINE_float("peak_tflops", None, "Device peak TFLOP/s for MFU.")
-_JSON = flags.DEFINE_string("json", None, "Also write the results to this file.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command line, defined only when this file runs as a program, so that other
+  tools (with flags of their own) and tests can import its functions."""
+  config_flags.DEFINE_config_file("config", None, "Config file[:args].")
+  flags.DEFINE_integer("batch", None, "Global batch size (default: the config's).")
+  flags.DEFINE_integer("steps", 5, "Timed steps.")
+  flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+  flags.DEFINE_bool("aot", False, "Compile only and report memory.")
+  flags.DEFINE_float("peak_tflops", None, "Device peak TFLOP/s for MFU.")
+  flags.DEFINE_string("json", None, "Also write the results to this file.")
+  flags.mark_flags_as_required(["config"])
+
 
 # Dense bf16 peak TFLOP/s per chip, for MFU.
 PEAK_TFLOPS = {"NVIDIA H200": 989.0, "NVIDIA H100 80GB HBM3": 989.0, "NVIDIA A100-SXM4-80GB": 312.0,
@@ -83,6 +91,25 @@ def memory_report(compiled):
   return report
 
 
+def model_flops(config, global_spec):
+  """FLOPs of one train step over the whole batch, the numerator of TFLOP/s and MFU.
+
+  XLA's count of a compiled step is per device, counts the body of a loop once (so a
+  `model.scan` stack as one block) and includes recomputed forward passes
+  (`model.remat`). This counts the step lowered before partitioning, with the blocks
+  unrolled and nothing recomputed: the work the model needs however it is executed.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from hvla import train  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.model.scan, config.model.remat = False, "none"
+  setup = train.Setup(config)
+  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    lowered = jax.jit(setup.train_step_fn()).lower(setup.abstract_state(), global_spec)
+  return float((lowered.cost_analysis() or {}).get("flops", 0.0))
+
+
 def measure(config, *, steps, warmup, aot, peak_tflops=None):
   import jax  # pylint: disable=g-import-not-at-top
   from hvla import sharding  # pylint: disable=g-import-not-at-top
@@ -92,24 +119,26 @@ def measure(config, *, steps, warmup, aot, peak_tflops=None):
   config.schedule.warmup_steps = 1
   config.schedule.warmup_epochs = config.schedule.warmup_examples = None
   setup = train.Setup(config)
-  local = sharding.local_batch_size(config.batch_size)
-  host_batch = synthetic_batch(batch_spec(config.data, local), config.model.text.vocab_size)
+  local_spec = batch_spec(config.data, sharding.local_batch_size(config.batch_size))
+  global_spec = train.global_batch_spec(local_spec)
   start = time.perf_counter()
-  compiled = setup.compile_train_step(train.global_batch_spec(host_batch))
+  compiled = setup.compile_train_step(global_spec)
   results = {
       "batch": config.batch_size, "devices": jax.device_count(),
       "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
       "compile_seconds": time.perf_counter() - start,
-      "flops_per_step": train.compiled_flops(compiled),
+      "flops_per_step": model_flops(config, global_spec),
+      "xla_flops_per_device": train.compiled_flops(compiled),
       "memory_per_device": memory_report(compiled),
   }
   if aot:
     return results
   state = setup.init_state()
-  batch = sharding.make_global_batch(host_batch, setup.mesh)
+  batch = sharding.make_global_batch(
+      synthetic_batch(local_spec, config.model.text.vocab_size), setup.mesh)
   for _ in range(warmup):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
+    state, _ = compiled(state, batch)
+  jax.block_until_ready(state)
   times = []
   for _ in range(steps):
     start = time.perf_counter()
@@ -137,7 +166,8 @@ def format_results(r):
   lines = [f"devices          {r['devices']} x {r['device_kind']} ({r['backend']})",
            f"global batch     {r['batch']}",
            f"compile          {r['compile_seconds']:.1f} s",
-           f"FLOPs per step   {r['flops_per_step']:.4g}"]
+           f"FLOPs per step   {r['flops_per_step']:.4g} (model; XLA counts "
+           f"{r['xla_flops_per_device']:.4g} per device)"]
   mem = r["memory_per_device"]
   if mem:
     lines.append(f"memory/device    peak {mb(mem['peak'])} (arguments {mb(mem['argument'])}, "
@@ -157,17 +187,17 @@ def format_results(r):
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  if _BATCH.value:
-    config.batch_size = _BATCH.value
-  results = measure(config, steps=_STEPS.value, warmup=_WARMUP.value, aot=_AOT.value,
-                    peak_tflops=_PEAK.value)
+  config = FLAGS.config
+  if FLAGS.batch:
+    config.batch_size = FLAGS.batch
+  results = measure(config, steps=FLAGS.steps, warmup=FLAGS.warmup, aot=FLAGS.aot,
+                    peak_tflops=FLAGS.peak_tflops)
   print(format_results(results))
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
       json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
+  define_flags()
   app.run(main)
