@@ -530,11 +530,11 @@ def test_compare_run_trains_then_evaluates(tmp_path, data_dir):
   config.model.image.depth = config.model.text.depth = 2
   config.data.data_dir = str(data_dir)
   config.data.shapes.update(num_train=32, num_validation=8, num_test=8)
+  config.evals = {k: config.evals[k] for k in ('zeroshot_shape', 'grounding')}  # Faster.
   for ev in config.evals.values():
     ev.batch_size = 8
   results, seconds = compare.run('pyramid_vitb16', config, str(tmp_path))
   assert seconds > 0
-  for key in ('zeroshot_shape/top1', 'zeroshot_color/top1', 'retrieval/i2t_r1',
-              'grounding/pointing', 'grounding/box_acc'):
+  for key in ('zeroshot_shape/top1', 'grounding/pointing', 'grounding/box_acc'):
     assert 0 <= results[key] <= 1
   assert (tmp_path / 'eval_results_step2.json').exists()

@@ -9,7 +9,7 @@ Parameter tree (`params`, float32 whatever the compute dtype):
 | `img/pre_norm`, `img/norm` | LayerNorm `scale`, `bias` [W] | embed |
 | `img/encoder/block_{i}` | one block (below) per layer | |
 | `img/encoder/blocks` | with `scan`: the blocks stacked on a leading axis | layers, ... |
-| `img/roi_embedding/kernel`, `bias` | [F + 4, W], [W] (with `model.pyramid.roi.source`) | -, embed |
+| `img/roi_embedding/kernel`, `bias` | [F + 4, W], [W] (with `pyramid.roi.source`) | -, embed |
 | `txt/token_embedding/embedding` | [V, W] | vocab, embed |
 | `txt/pos_embedding` | [max_len, W] | -, embed |
 | `txt/encoder/...`, `txt/norm` | as for `img` | |
