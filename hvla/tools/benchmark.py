@@ -95,15 +95,16 @@ def model_flops(config, global_spec):
   """FLOPs of one train step over the whole batch, the numerator of TFLOP/s and MFU.
 
   XLA's count of a compiled step is per device, counts the body of a loop once (so a
-  `model.scan` stack as one block) and includes recomputed forward passes
-  (`model.remat`). This counts the step lowered before partitioning, with the blocks
-  unrolled and nothing recomputed: the work the model needs however it is executed.
+  `model.scan` stack as one block, `accum_steps` micro-batches as one) and includes
+  recomputed forward passes (`model.remat`, GradCache's first pass). This counts the
+  step lowered before partitioning, in one batch, with the blocks unrolled and nothing
+  recomputed: the work the model needs however it is executed.
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from hvla import train  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
-  config.model.scan, config.model.remat = False, "none"
+  config.model.scan, config.model.remat, config.accum_steps = False, "none", 1
   setup = train.Setup(config)
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
     lowered = jax.jit(setup.train_step_fn()).lower(setup.abstract_state(), global_spec)
