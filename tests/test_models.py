@@ -397,6 +397,30 @@ def test_bfloat16_compute_keeps_float32_params():
   np.testing.assert_allclose(txt16["embedding"], txt32["embedding"], atol=0.05)
 
 
+def test_attention_implementation_reaches_every_attention_call(monkeypatch):
+  """`model.attention` is passed to every `dot_product_attention` of both towers."""
+  monkeypatch.setattr(models.jax, "default_backend", lambda: "gpu")  # pass the check
+  model = models.get_model(tiny_config(attention="cudnn", dtype="bfloat16"))
+  seen, attention = [], jax.nn.dot_product_attention
+
+  def spy(*args, implementation=None, **kwargs):
+    seen.append(implementation)
+    return attention(*args, implementation="xla", **kwargs)  # cuDNN is GPU-only
+  monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+  images, tokens = make_inputs()
+  jax.eval_shape(model.init, jax.random.key(0), images, tokens)
+  assert seen == ["cudnn"] * 4  # 2 image blocks + 2 text blocks
+
+
+def test_cudnn_attention_is_refused_where_it_cannot_run(monkeypatch):
+  monkeypatch.setattr(models.jax, "default_backend", lambda: "cpu")
+  with pytest.raises(ValueError, match="model.attention: 'cudnn' needs an NVIDIA GPU"):
+    models.get_model(tiny_config(attention="cudnn", dtype="bfloat16"))
+  monkeypatch.setattr(models.jax, "default_backend", lambda: "gpu")
+  with pytest.raises(ValueError, match="model.dtype: .*needs bfloat16"):
+    models.get_model(tiny_config(attention="cudnn"))
+
+
 # --------------------------------------------------------------------------------
 # Config validation and the registry.
 
@@ -413,6 +437,7 @@ def test_bfloat16_compute_keeps_float32_params():
     ("remat", "some"),
     ("dtype", "float16"),
     ("embed_dim", 0),
+    ("attention", "flash"),
 ])
 def test_invalid_values_raise_naming_the_key(key, value):
   config = tiny_config(**{"image.heads": 4, key: value})

@@ -227,6 +227,17 @@ def test_flatten_is_raster_order():
   np.testing.assert_array_equal(tokens[1, 2 * 4 + 3], fmap[1, 2, 3])
 
 
+def test_attention_implementation_reaches_the_attention_pool(monkeypatch):
+  seen, attention = [], jax.nn.dot_product_attention
+
+  def spy(*args, implementation=None, **kwargs):
+    seen.append(implementation)
+    return attention(*args, implementation="xla", **kwargs)  # cuDNN is GPU-only
+  monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+  jax.eval_shape(tiny_tower(attention="cudnn").init, jax.random.key(0), images())
+  assert seen == ["cudnn"]
+
+
 def test_attnpool_of_a_set_matches_reference_and_ignores_order():
   model = tiny_tower()
   params = tiny_params()

@@ -9,6 +9,7 @@ picked from a registry by `image.name` / `text.name`; a new tower is a class wit
 """
 import math
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -19,6 +20,7 @@ from hvla.models.two_towers import TwoTowers, l2_normalize, logit_scale, pool_bo
 from hvla.models.vit import ViT
 
 DTYPES = ("float32", "bfloat16")
+ATTENTION = ("xla", "cudnn")
 _TOWERS = {"image": {}, "text": {}}
 
 
@@ -47,6 +49,9 @@ def default_model_config():
   c.logit_bias_init = ml_collections.config_dict.placeholder(float)  # e.g. -10 for sigmoid
   c.remat = "none"  # 'none' | 'full' | 'dots' (jax.checkpoint policy per block)
   c.scan = False  # nn.scan over the blocks (params stacked on a 'layers' axis)
+  # jax.nn.dot_product_attention's implementation: 'xla' (any backend) or 'cudnn'
+  # (cuDNN's fused flash-attention kernel; NVIDIA GPU, bfloat16).
+  c.attention = "xla"
   c.image = ml_collections.ConfigDict(dict(
       name="vit", image_size=224, patch_size=16, width=768, depth=12, heads=12,
       mlp_ratio=4.0, pool="cls", patch_dropout=0.0))
@@ -75,6 +80,19 @@ def pyramid_fields(config):
               roi_feature_dim=pyramid.roi.feature_dim)
 
 
+def check_attention(config):
+  """`model.attention` must name an implementation this process can run: cuDNN's
+  fused kernel exists only on NVIDIA GPUs and only for 16-bit inputs."""
+  layers.check(config.attention in ATTENTION, "model.attention",
+               f"unknown implementation {config.attention!r}, expected one of {ATTENTION}")
+  if config.attention == "cudnn":
+    backend = jax.default_backend()
+    layers.check(backend == "gpu", "model.attention",
+                 f"'cudnn' needs an NVIDIA GPU, but jax's backend is {backend!r}; use 'xla'")
+    layers.check(config.dtype == "bfloat16", "model.dtype",
+                 f"model.attention='cudnn' needs bfloat16 compute, got {config.dtype!r}")
+
+
 def get_model(config):
   """`config.model` -> TwoTowers, after checking every key and value."""
   known = set(default_model_config())
@@ -100,7 +118,9 @@ def get_model(config):
                                                             (int, float)),
                "model.logit_bias_init", f"must be None or a number, got "
                f"{config.logit_bias_init!r}")
-  shared = dict(dtype=jnp.dtype(config.dtype), remat=config.remat, scan=config.scan)
+  check_attention(config)
+  shared = dict(dtype=jnp.dtype(config.dtype), remat=config.remat, scan=config.scan,
+                attention=config.attention)
   towers = {}
   for kind in ("image", "text"):
     name = config[kind].get("name")

@@ -85,11 +85,14 @@ class Attention(nn.Module):
   MultiheadAttention, which CLIP uses).
 
   `lengths` [B] (or None) masks keys past each row's valid length, which makes
-  padding invisible to every real position.
+  padding invisible to every real position. `implementation` is
+  `dot_product_attention`'s: 'xla' everywhere, or 'cudnn' for cuDNN's fused (flash)
+  kernel on NVIDIA GPUs in bfloat16.
   """
   heads: int
   causal: bool = False
   dtype: Any = jnp.float32
+  implementation: str = "xla"
 
   @nn.compact
   def __call__(self, x, lengths=None):
@@ -103,7 +106,8 @@ class Attention(nn.Module):
     q, k, v = (constrain(qkv[:, :, i], "act_batch", "act_len", "act_heads", None)
                for i in range(3))
     y = jax.nn.dot_product_attention(
-        q, k, v, is_causal=self.causal, key_value_seq_lengths=lengths)
+        q, k, v, is_causal=self.causal, key_value_seq_lengths=lengths,
+        implementation=self.implementation)
     return nn.Einsum(
         (self.heads, head_dim, width), "bthd,hdw->btw", dtype=self.dtype, name="out",
         kernel_init=partitioned(nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2),
@@ -209,12 +213,14 @@ class Block(nn.Module):
   readout: str
   causal: bool = False
   dtype: Any = jnp.float32
+  attention: str = "xla"
   leff_grid: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, x, lengths=None):
     y = layer_norm(self.dtype, "norm1")(x)
-    x = x + Attention(self.heads, self.causal, self.dtype, name="attn")(y, lengths)
+    x = x + Attention(self.heads, self.causal, self.dtype, self.attention, name="attn")(
+        y, lengths)
     y = layer_norm(self.dtype, "norm2")(x)
     if self.leff_grid is None:
       x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(y)
@@ -241,6 +247,7 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
   remat: str = "none"
   scan: bool = False
+  attention: str = "xla"
   leff_depth: int = 0
 
   @nn.compact
@@ -260,7 +267,7 @@ class Encoder(nn.Module):
     if self.remat != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
     kwargs = dict(mlp_dim=self.mlp_dim, heads=self.heads, readout=self.readout,
-                  causal=self.causal, dtype=self.dtype)
+                  causal=self.causal, dtype=self.dtype, attention=self.attention)
     if not self.scan:
       readouts = []
       for i in range(start, stop):
@@ -279,7 +286,8 @@ class Encoder(nn.Module):
     return stack(**kwargs, name="blocks")(x, lengths)
 
 
-SHARED_FIELDS = ("dtype", "remat", "scan")  # set once in the model config, not per tower
+# Set once in the model config for both towers, not per tower.
+SHARED_FIELDS = ("dtype", "remat", "scan", "attention")
 
 
 def tower_kwargs(cls, config, path, exclude=()):

@@ -166,6 +166,7 @@ class AttentionPool(nn.Module):
   output_dim: int
   native_grid: tuple[int, int]
   dtype: Any = jnp.float32
+  attention: str = "xla"  # dot_product_attention's implementation
 
   @nn.compact
   def __call__(self, x, grid=None, mask=None):
@@ -200,7 +201,7 @@ class AttentionPool(nn.Module):
         (self.heads, head_dim, self.output_dim), "bthd,hdo->bto", dtype=self.dtype,
         name="out", kernel_init=layers.partitioned(init, "heads", "kv", "embed"),
         bias_init=layers.partitioned(nn.initializers.zeros, "embed"))(
-            jax.nn.dot_product_attention(q, k, v, mask=keys))
+            jax.nn.dot_product_attention(q, k, v, mask=keys, implementation=self.attention))
     y = layers.constrain(y, "act_batch", "act_len", "act_embed")
     return y[:, 0], y[:, 1:]
 
@@ -224,6 +225,7 @@ class ResNet(nn.Module):
   roi_feature_dim: int = 2048  # width of stored region features (roi='features')
   dtype: Any = jnp.float32
   remat: str = "none"
+  attention: str = "xla"
 
   PYRAMID_FIELDS = ("roi", "roi_feature_dim")
 
@@ -277,7 +279,8 @@ class ResNet(nn.Module):
         Stage(self.width * 2**i, blocks, 1 if i == 0 else 2, self.norm_groups, self.dtype,
               self.remat)
         for i, blocks in enumerate(self.layers)]
-    self.attn_pool = AttentionPool(self.heads, self.output_dim, self.native_grid, self.dtype)
+    self.attn_pool = AttentionPool(self.heads, self.output_dim, self.native_grid, self.dtype,
+                                   self.attention)
     if self.roi:
       self.roi_embedding = nn.Dense(
           self.feature_width, dtype=self.dtype,

@@ -33,6 +33,7 @@ class TextTransformer(nn.Module):
   dtype: Any = jnp.float32
   remat: str = "none"
   scan: bool = False
+  attention: str = "xla"
 
   @classmethod
   def from_config(cls, config, **shared):
@@ -56,7 +57,7 @@ class TextTransformer(nn.Module):
     self.encoder = layers.Encoder(
         depth=self.depth, mlp_dim=int(self.width * self.mlp_ratio), heads=self.heads,
         readout=self.pooling, causal=self.causal, dtype=self.dtype, remat=self.remat,
-        scan=self.scan)
+        scan=self.scan, attention=self.attention)
     self.norm = layers.layer_norm(self.dtype)
 
   def __call__(self, tokens):

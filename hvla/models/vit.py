@@ -122,6 +122,7 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   remat: str = "none"
   scan: bool = False
+  attention: str = "xla"
 
   PYRAMID_FIELDS = ("f1_depth", "leff", "roi", "roi_feature_dim")
 
@@ -178,6 +179,7 @@ class ViT(nn.Module):
     self.encoder = layers.Encoder(
         depth=self.depth, mlp_dim=int(self.width * self.mlp_ratio), heads=self.heads,
         readout=self.pool, dtype=self.dtype, remat=self.remat, scan=self.scan,
+        attention=self.attention,
         leff_depth=self.f1_blocks if self.leff else 0)
     self.norm = layers.layer_norm(self.dtype)
     if self.roi:
