@@ -23,5 +23,9 @@ setuptools.setup(
         "numpy>=1.26",
         "pillow>=10",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
+    extras_require={
+        # transformers' Flax CLIP, the speed reference of hvla.tools.benchmark_reference.
+        "reference": ["transformers>=4.50,<5"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "transformers>=4.50,<5"],
+    },
 )

@@ -136,3 +136,54 @@ def test_model_flops_count_the_whole_batch_and_every_block(results):
     scanned = jax.jit(setup.train_step_fn()).lower(setup.abstract_state(), spec)
   assert scanned.cost_analysis()['flops'] < run['flops_per_step'] * 0.8
   assert benchmark.model_flops(config, spec) == pytest.approx(run['flops_per_step'], rel=1e-3)
+
+
+def test_apply_overrides_sets_nested_keys_on_a_copy():
+  config = tiny_config()
+  changed = benchmark.apply_overrides(
+      config, ['model.remat=full', 'model.scan=True', 'model.image.patch_dropout=0.5'])
+  assert (changed.model.remat, changed.model.scan) == ('full', True)
+  assert changed.model.image.patch_dropout == 0.5
+  assert (config.model.remat, config.model.scan) == ('none', False)
+  with pytest.raises(ValueError, match="'model.rematt'"):
+    benchmark.apply_overrides(config, ['model.rematt=full'])
+  with pytest.raises(ValueError, match='key=value'):
+    benchmark.apply_overrides(config, ['model.remat'])
+  assert benchmark.parse_variant('rs:model.remat=full;model.scan=True') == (
+      'rs', ['model.remat=full', 'model.scan=True'])
+  with pytest.raises(ValueError, match='name:key=value'):
+    benchmark.parse_variant('model.remat=full')
+
+
+def test_variants_are_timed_interleaved_and_keep_the_model_flops():
+  variants = [('config', []), ('remat', ['model.remat=full']), ('scan', ['model.scan=True'])]
+  results = benchmark.measure_variants(tiny_config(data=8, fsdp=1, model=1), variants,
+                                       steps=3, warmup=1, aot=False, peak_tflops=1.0)
+  assert [r['name'] for r in results] == ['config', 'remat', 'scan']
+  for r in results:
+    assert len(r['step_seconds_all']) == 3 and r['examples_per_sec'] > 0
+    # remat recomputes and scan loops, but the work the model needs is the same.
+    assert r['flops_per_step'] == pytest.approx(results[0]['flops_per_step'], rel=1e-3)
+  # XLA counts the recomputed forward pass of remat.
+  assert results[1]['xla_flops_per_device'] > results[0]['xla_flops_per_device'] * 1.1
+  table = benchmark.format_table(results)
+  assert '| remat | model.remat=full |' in table and '| 1.00x |' in table
+
+
+def test_matmul_peak_is_measured():
+  assert 0 < benchmark.matmul_peak_tflops('float32', n=256, repeats=2) < 1e4
+
+
+# ----------------------------------------------------------------------------------------
+# The reference comparison: transformers' Flax CLIP on the same towers.
+# ----------------------------------------------------------------------------------------
+def test_reference_runs_the_same_towers():
+  from hvla.tools import benchmark_reference as br
+  config = clip_vitb16.get_config('runlocal')
+  (ours, theirs), = br.compare(config, batch=4, dtypes=['float32'], steps=2, warmup=1)
+  assert ours['parameters'] == theirs['parameters'] > 10**6
+  assert ours['devices'] == 1 and len(theirs['step_seconds_all']) == 2
+  assert '| float32 | transformers FlaxCLIPModel |' in br.format_table([(ours, theirs)])
+  config.model.image.pool = 'gap'
+  with pytest.raises(ValueError, match="CLIP's towers only"):
+    br.compare(config, batch=4, dtypes=['float32'], steps=1, warmup=0)

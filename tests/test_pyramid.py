@@ -185,9 +185,12 @@ def apply(model, params, *args, method, **kwargs):
       params, *args)
 
 
-@pytest.mark.parametrize('image', ['vit', 'resnet'])
-def test_f1_then_f2_is_the_whole_tower(image):
-  model, params, images, _ = build(tiny_config(image, leff=True))
+@pytest.mark.parametrize('image, leff, scan', [('vit', True, False), ('vit', False, True),
+                                               ('resnet', False, False)])
+def test_f1_then_f2_is_the_whole_tower(image, leff, scan):
+  config = tiny_config(image, leff=leff)
+  config.scan = scan  # init runs f2 (the ROI path) first: a slice of a scanned stack
+  model, params, images, _ = build(config)
 
   def whole_and_parts(m, x):
     f1 = m.image_f1(x)

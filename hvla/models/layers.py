@@ -275,13 +275,21 @@ class Encoder(nn.Module):
         x, r = block(**kwargs, leff_grid=leff_grid, name=f"block_{i}")(x, lengths)
         readouts.append(r)
       return x, jnp.stack(readouts)
-    stack = nn.scan(
-        block, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=nn.broadcast, length=stop - start,
-        metadata_params={nn.PARTITION_NAME: "layers"})
-    if (start, stop) != (0, self.depth):
+
+    def scanned(length):
+      return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=nn.broadcast, length=length,
+                     metadata_params={nn.PARTITION_NAME: "layers"})
+    if (start, stop) == (0, self.depth):
+      stack = scanned(self.depth)
+    elif self.is_initializing():
+      # A sliced view cannot create the stack: `init` runs the whole of it, creating
+      # every layer's parameters; only the shapes of its outputs matter there.
+      x, readouts = scanned(self.depth)(**kwargs, name="blocks")(x, lengths)
+      return x, readouts[start:stop]
+    else:
       stack = nn.map_variables(
-          stack, "params",
+          scanned(stop - start), "params",
           trans_in_fn=lambda tree: jax.tree.map(lambda a: a[start:stop], tree))
     return stack(**kwargs, name="blocks")(x, lengths)
 

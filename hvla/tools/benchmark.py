@@ -2,12 +2,16 @@ r"""Measures the train step of a config on synthetic batches of the config's lay
 
   python -m hvla.tools.benchmark --config=configs/clip_vitb16.py --batch=8
   python -m hvla.tools.benchmark --config=configs/clip_vitb16.py --batch=4096 --aot
+  python -m hvla.tools.benchmark --config=configs/clip_vitb16.py --batch=8 --measure_peak \
+      --variant='remat:model.remat=full' --variant='scan:model.scan=True'
 
 Prints compile time, median step time over --steps timed steps (after --warmup), examples/s,
 the model's FLOPs per step (see `model_flops`), achieved TFLOP/s, MFU (when the device's
 peak is known or given with --peak_tflops) and peak memory. With --aot it only compiles for
 the configured mesh and batch and reports the per-device memory of the compiled executable,
-so an out-of-memory configuration shows before any hardware is booked.
+so an out-of-memory configuration shows before any hardware is booked. Each --variant is
+the config with some keys changed; all are compiled, their timed steps alternate (so
+their ratios hold on a loaded machine) and a table compares them.
 """
 import json
 import os
@@ -36,6 +40,12 @@ def define_flags():
   flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
   flags.DEFINE_bool("aot", False, "Compile only and report memory.")
   flags.DEFINE_float("peak_tflops", None, "Device peak TFLOP/s for MFU.")
+  flags.DEFINE_bool("measure_peak", False, "Take the peak for MFU from a timed matmul in "
+                    "each variant's compute dtype (for devices without a published peak: "
+                    "CPUs).")
+  flags.DEFINE_multi_string(
+      "variant", [], "name:key=value[;key=value...]: the config with these changes, "
+      "measured beside it (repeatable); their steps alternate with the config's.")
   flags.DEFINE_string("json", None, "Also write the results to this file.")
   flags.mark_flags_as_required(["config"])
 
@@ -91,7 +101,7 @@ def memory_report(compiled):
   return report
 
 
-def model_flops(config, global_spec):
+def model_flops(config, global_spec, devices=None):
   """FLOPs of one train step over the whole batch, the numerator of TFLOP/s and MFU.
 
   XLA's count of a compiled step is per device, counts the body of a loop once (so a
@@ -105,61 +115,177 @@ def model_flops(config, global_spec):
   from hvla import train  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.model.scan, config.model.remat, config.accum_steps = False, "none", 1
-  setup = train.Setup(config)
+  setup = train.Setup(config, devices=devices)
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
     lowered = jax.jit(setup.train_step_fn()).lower(setup.abstract_state(), global_spec)
   return float((lowered.cost_analysis() or {}).get("flops", 0.0))
 
 
-def measure(config, *, steps, warmup, aot, peak_tflops=None):
+def matmul_peak_tflops(dtype="float32", n=4096, repeats=5):
+  """TFLOP/s of an [n, n] x [n, n] matmul in `dtype` on the first device (median of
+  `repeats`): the peak for MFU on a device without a published one, such as a CPU."""
   import jax  # pylint: disable=g-import-not-at-top
-  from hvla import sharding  # pylint: disable=g-import-not-at-top
-  from hvla import train  # pylint: disable=g-import-not-at-top
-
-  config.total_steps, config.total_epochs, config.total_examples = 10**6, None, None
-  config.schedule.warmup_steps = 1
-  config.schedule.warmup_epochs = config.schedule.warmup_examples = None
-  setup = train.Setup(config)
-  local_spec = batch_spec(config.data, sharding.local_batch_size(config.batch_size))
-  global_spec = train.global_batch_spec(local_spec)
-  start = time.perf_counter()
-  compiled = setup.compile_train_step(global_spec)
-  results = {
-      "batch": config.batch_size, "devices": jax.device_count(),
-      "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-      "compile_seconds": time.perf_counter() - start,
-      "flops_per_step": model_flops(config, global_spec),
-      "xla_flops_per_device": train.compiled_flops(compiled),
-      "memory_per_device": memory_report(compiled),
-  }
-  if aot:
-    return results
-  state = setup.init_state()
-  batch = sharding.make_global_batch(
-      synthetic_batch(local_spec, config.model.text.vocab_size), setup.mesh)
-  for _ in range(warmup):
-    state, _ = compiled(state, batch)
-  jax.block_until_ready(state)
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  matmul = jax.jit(jnp.matmul).lower(a, a).compile()
+  jax.block_until_ready(matmul(a, a))
   times = []
-  for _ in range(steps):
+  for _ in range(repeats):
     start = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
+    jax.block_until_ready(matmul(a, a))
     times.append(time.perf_counter() - start)
-  step_time = statistics.median(times)
+  return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def apply_overrides(config, overrides):
+  """Sets dotted keys (`model.remat=full`) of a copy of `config`; values are Python
+  literals or, failing that, strings. An unknown key raises a ValueError naming it."""
+  import ast  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"Override {item!r} is not key=value.")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, leaf = key.strip().split(".")
+    node = config
+    for name in parents:
+      node = node.get(name) if hasattr(node, "get") else None
+    if node is None or not hasattr(node, "keys") or leaf not in node:
+      raise ValueError(f"Unknown config key {key.strip()!r} in override {item!r}.")
+    node[leaf] = value
+  return config
+
+
+def parse_variant(text):
+  """'name:key=value;key=value' -> (name, [key=value, ...])."""
+  name, sep, changes = text.partition(":")
+  if not sep or not name:
+    raise ValueError(f"Variant {text!r} is not name:key=value[;key=value...].")
+  return name, [c for c in changes.split(";") if c]
+
+
+class Case:
+  """One configuration's compiled train step, its state and batch, and its results."""
+
+  def __init__(self, name, config, aot, devices=None):
+    import jax  # pylint: disable=g-import-not-at-top
+    from hvla import sharding  # pylint: disable=g-import-not-at-top
+    from hvla import train  # pylint: disable=g-import-not-at-top
+    config.total_steps, config.total_epochs, config.total_examples = 10**6, None, None
+    config.schedule.warmup_steps = 1
+    config.schedule.warmup_epochs = config.schedule.warmup_examples = None
+    setup = train.Setup(config, devices=devices)
+    local_spec = batch_spec(config.data, sharding.local_batch_size(config.batch_size))
+    global_spec = train.global_batch_spec(local_spec)
+    start = time.perf_counter()
+    self.compiled = setup.compile_train_step(global_spec)
+    self.name = name
+    self.results = {
+        "name": name, "batch": config.batch_size, "devices": setup.mesh.size,
+        "dtype": config.model.dtype,
+        "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+        "compile_seconds": time.perf_counter() - start,
+        "flops_per_step": model_flops(config, global_spec, devices),
+        "xla_flops_per_device": train.compiled_flops(self.compiled),
+        "memory_per_device": memory_report(self.compiled),
+    }
+    if not aot:
+      self.state = setup.init_state()
+      self.batch = sharding.make_global_batch(
+          synthetic_batch(local_spec, config.model.text.vocab_size), setup.mesh)
+
+  def step(self):
+    self.state, metrics = self.compiled(self.state, self.batch)
+    return metrics
+
+
+def time_interleaved(cases, *, steps, warmup):
+  """Runs `warmup` then `steps` timed calls of every case's `step`, one call of each in
+  turn, so that a change in the machine's load hits all cases alike; returns each
+  case's list of seconds."""
+  import jax  # pylint: disable=g-import-not-at-top
+  for case in cases:
+    for _ in range(warmup):
+      case.step()
+    jax.block_until_ready(case.step())
+  times = {case.name: [] for case in cases}
+  for _ in range(steps):
+    for case in cases:
+      start = time.perf_counter()
+      jax.block_until_ready(case.step())
+      times[case.name].append(time.perf_counter() - start)
+  return times
+
+
+def add_speed(results, seconds, peak_tflops=None):
+  """Step time, examples/s, achieved TFLOP/s and MFU from the seconds of timed steps.
+
+  `peak_tflops` per device: a number, or a mapping from the compute dtype to one.
+  """
+  step_time = statistics.median(seconds)
   tflops = results["flops_per_step"] / step_time / 1e12
+  if isinstance(peak_tflops, dict):
+    peak_tflops = peak_tflops.get(results.get("dtype"))
   peak = peak_tflops or PEAK_TFLOPS.get(results["device_kind"])
   results.update({
-      "step_seconds_median": step_time, "step_seconds_all": times,
-      "examples_per_sec": config.batch_size / step_time,
-      "tflops_per_sec": tflops,
-      "mfu": tflops / (peak * jax.device_count()) if peak else None,
-      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      "step_seconds_median": step_time, "step_seconds_all": list(seconds),
+      "examples_per_sec": results["batch"] / step_time, "tflops_per_sec": tflops,
+      "peak_tflops": peak,
+      "mfu": tflops / (peak * results.get("devices", 1)) if peak else None,
   })
-  stats = jax.devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    results["device_peak_bytes"] = stats["peak_bytes_in_use"]
   return results
+
+
+def measure_variants(config, variants, *, steps, warmup, aot, peak_tflops=None):
+  """Results of `config` changed by each of `variants` [(name, overrides)], compiled
+  one by one and timed interleaved (see `time_interleaved`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  cases = []
+  for name, overrides in variants:
+    case = Case(name, apply_overrides(config, overrides), aot)
+    case.results["overrides"] = list(overrides)
+    cases.append(case)
+  if aot:
+    return [case.results for case in cases]
+  times = time_interleaved(cases, steps=steps, warmup=warmup)
+  results = [add_speed(case.results, times[case.name], peak_tflops) for case in cases]
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  stats = jax.devices()[0].memory_stats() or {}
+  for r in results:
+    r["peak_rss_bytes"] = rss  # of the process, over every case
+    if "peak_bytes_in_use" in stats:
+      r["device_peak_bytes"] = stats["peak_bytes_in_use"]
+  return results
+
+
+def measure(config, *, steps, warmup, aot, peak_tflops=None):
+  """Results of one config (see `measure_variants`)."""
+  return measure_variants(config, [("config", [])], steps=steps, warmup=warmup, aot=aot,
+                          peak_tflops=peak_tflops)[0]
+
+
+def format_table(results):
+  """A markdown table of `measure_variants` results, times also as a ratio to the first."""
+  gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+  timed = "step_seconds_median" in results[0]
+  header = ["variant", "changes", "compile s", "memory/device GiB"]
+  if timed:
+    header += ["step s (median)", "examples/s", "TFLOP/s", "MFU", "time vs first"]
+  lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+  for r in results:
+    row = [r["name"], "; ".join(r["overrides"]) or "-", f"{r['compile_seconds']:.0f}",
+           gib(r["memory_per_device"].get("peak", 0))]
+    if timed:
+      mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+      ratio = r["step_seconds_median"] / results[0]["step_seconds_median"]
+      row += [f"{r['step_seconds_median']:.2f}", f"{r['examples_per_sec']:.2f}",
+              f"{r['tflops_per_sec']:.3f}", mfu, f"{ratio:.2f}x"]
+    lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines)
 
 
 def format_results(r):
@@ -191,9 +317,19 @@ def main(argv):
   config = FLAGS.config
   if FLAGS.batch:
     config.batch_size = FLAGS.batch
-  results = measure(config, steps=FLAGS.steps, warmup=FLAGS.warmup, aot=FLAGS.aot,
-                    peak_tflops=FLAGS.peak_tflops)
-  print(format_results(results))
+  peak = FLAGS.peak_tflops
+  variants = [("config", [])] + [parse_variant(v) for v in FLAGS.variant]
+  if FLAGS.measure_peak:
+    dtypes = {apply_overrides(config, changes).model.dtype for _, changes in variants}
+    peak = {dtype: matmul_peak_tflops(dtype) for dtype in sorted(dtypes)}
+    print("peak             " + ", ".join(f"{dtype} matmul {tflops:.3f} TFLOP/s"
+                                          for dtype, tflops in peak.items()))
+  results = measure_variants(config, variants, steps=FLAGS.steps, warmup=FLAGS.warmup,
+                             aot=FLAGS.aot, peak_tflops=peak)
+  for r in results:
+    print(f"\n[{r['name']}] {'; '.join(r['overrides'])}\n{format_results(r)}")
+  if len(results) > 1:
+    print("\n" + format_table(results))
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
       json.dump(results, f, indent=2)

@@ -1,0 +1,161 @@
+r"""hvla's CLIP train step against the Flax CLIP of Hugging Face transformers.
+
+  pip install -e ".[reference]"
+  python -m hvla.tools.benchmark_reference --config=configs/clip_vitb16.py --batch=8 \
+      --dtypes=bfloat16,float32
+
+`transformers.FlaxCLIPModel` is the public JAX CLIP that installs from a package index;
+its `examples/flax/contrastive-image-text` script trains it. Here it is built with the
+towers of the hvla config (widths, depths, heads, patch and image size, vocabulary,
+context and joint width; the parameter counts are checked equal) and trained the way
+that script does: CLIP's symmetric cross-entropy of the logits, `optax.adamw`, one
+jitted step. hvla's own step (clipping, decay masks, metrics and all) runs on the same
+single device with the same synthetic batch and compute dtype. The two steps alternate,
+so the ratio of their median times holds on a loaded machine.
+"""
+import functools
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from hvla.tools import benchmark
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  config_flags.DEFINE_config_file("config", "configs/clip_vitb16.py", "hvla config[:args].")
+  flags.DEFINE_integer("batch", 8, "Batch size.")
+  flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Compute dtypes to compare in.")
+  flags.DEFINE_integer("steps", 5, "Timed steps of each.")
+  flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+
+
+def hf_clip_config(model_config):
+  """A transformers CLIPConfig with the towers of hvla's `config.model` (ViT + text
+  transformer with CLIP's pooling: class token for images, EOT for text)."""
+  from transformers import CLIPConfig  # pylint: disable=g-import-not-at-top
+  image, text = model_config.image, model_config.text
+  if image.name != "vit" or text.name != "transformer" or image.pool != "cls" or (
+      text.pooling != "eot"):
+    raise ValueError("The reference covers CLIP's towers only: model.image.name='vit' "
+                     "with pool='cls', model.text.name='transformer' with pooling='eot'.")
+  return CLIPConfig(
+      projection_dim=model_config.embed_dim,
+      vision_config=dict(hidden_size=image.width, num_hidden_layers=image.depth,
+                         num_attention_heads=image.heads, image_size=image.image_size,
+                         patch_size=image.patch_size,
+                         intermediate_size=int(image.width * image.mlp_ratio)),
+      text_config=dict(vocab_size=text.vocab_size, hidden_size=text.width,
+                       num_hidden_layers=text.depth, num_attention_heads=text.heads,
+                       max_position_embeddings=text.max_len,
+                       intermediate_size=int(text.width * text.mlp_ratio),
+                       # transformers pools the first EOS id, hvla the last real token.
+                       eos_token_id=3))
+
+
+def parameter_count(tree):
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+class ReferenceCase:
+  """FlaxCLIPModel trained as transformers' contrastive-image-text example trains it."""
+
+  def __init__(self, model_config, batch, *, dtype, lr=5e-4, weight_decay=0.2):
+    from transformers import FlaxCLIPModel  # pylint: disable=g-import-not-at-top
+    self.name = f"transformers FlaxCLIPModel, {dtype}"
+    self.model = FlaxCLIPModel(hf_clip_config(model_config), dtype=jnp.dtype(dtype),
+                               _do_init=False)
+    params = jax.jit(self.model.init_weights, static_argnums=1)(
+        jax.random.key(0), self.model.input_shape)
+    self.parameters = parameter_count(params)
+    decay = jax.tree.map(lambda x: x.ndim > 1, params)  # the example's decay mask
+    tx = optax.adamw(lr, b1=0.9, b2=0.98, eps=1e-6, weight_decay=weight_decay, mask=decay)
+    self.state = (params, tx.init(params))
+    images, tokens = batch["images"]["image"], batch["tokens"]["caption"]
+    self.batch = {"pixel_values": jnp.asarray(images.transpose(0, 3, 1, 2)),  # NCHW
+                  "input_ids": jnp.asarray(tokens),
+                  "attention_mask": jnp.asarray(tokens > 0, jnp.int32)}
+    self._step = jax.jit(functools.partial(self.train_step, self.model, tx),
+                         donate_argnums=0)
+
+  @staticmethod
+  def train_step(model, tx, state, batch):
+    params, opt_state = state
+
+    def loss_fn(p):
+      logits = model(**batch, params=p, train=True).logits_per_text
+      labels = jnp.eye(logits.shape[0], dtype=jnp.float32)
+      logits = logits.astype(jnp.float32)
+      return (optax.softmax_cross_entropy(logits, labels).mean() +
+              optax.softmax_cross_entropy(logits.T, labels).mean()) / 2
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  def step(self):
+    self.state, loss = self._step(self.state, self.batch)
+    return loss
+
+
+def compare(config, *, batch, dtypes, steps, warmup):
+  """[(hvla results, reference results)] per dtype: the same towers, batch and device."""
+  from hvla import models  # pylint: disable=g-import-not-at-top
+  rows = []
+  for dtype in dtypes:
+    hvla_config = benchmark.apply_overrides(
+        config, [f"batch_size={batch}", f"model.dtype='{dtype}'", "accum_steps=1",
+                 "mesh.data=1", "mesh.fsdp=1", "mesh.model=1"])
+    ours = benchmark.Case(f"hvla, {dtype}", hvla_config, aot=False,
+                          devices=jax.devices()[:1])
+    host_batch = benchmark.synthetic_batch(
+        benchmark.batch_spec(hvla_config.data, batch), hvla_config.model.text.vocab_size)
+    reference = ReferenceCase(hvla_config.model, host_batch, dtype=dtype)
+    hvla_parameters = parameter_count(jax.eval_shape(
+        models.get_model(hvla_config.model).init, jax.random.key(0),
+        jnp.zeros((1,) + host_batch["images"]["image"].shape[1:]),
+        jnp.zeros((1,) + host_batch["tokens"]["caption"].shape[1:], jnp.int32))["params"])
+    if hvla_parameters != reference.parameters:
+      raise ValueError(f"The towers differ: hvla has {hvla_parameters:,} parameters, the "
+                       f"reference {reference.parameters:,}.")
+    times = benchmark.time_interleaved([ours, reference], steps=steps, warmup=warmup)
+    theirs = {"name": reference.name, "batch": batch, "device_kind": ours.results[
+        "device_kind"], "flops_per_step": ours.results["flops_per_step"]}
+    rows.append((benchmark.add_speed(ours.results, times[ours.name]),
+                 benchmark.add_speed(theirs, times[reference.name])))
+    for r in rows[-1]:
+      r["parameters"] = hvla_parameters
+  return rows
+
+
+def format_table(rows):
+  lines = ["| dtype | step | parameters | step s (median of n) | examples/s | hvla speed-up |",
+           "|---|---|---|---|---|---|"]
+  for ours, theirs in rows:
+    for r in (ours, theirs):
+      name, dtype = r["name"].rsplit(", ", 1)
+      speedup = theirs["step_seconds_median"] / ours["step_seconds_median"]
+      lines.append(f"| {dtype} | {name} | {r['parameters']:,} | "
+                   f"{r['step_seconds_median']:.2f} ({len(r['step_seconds_all'])}) | "
+                   f"{r['examples_per_sec']:.2f} | "
+                   f"{f'{speedup:.2f}x' if r is ours else ''} |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  rows = compare(FLAGS.config, batch=FLAGS.batch, dtypes=FLAGS.dtypes, steps=FLAGS.steps,
+                 warmup=FLAGS.warmup)
+  print(f"{jax.devices()[0].device_kind} ({jax.default_backend()}), batch {FLAGS.batch}\n"
+        + format_table(rows))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
