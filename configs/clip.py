@@ -23,6 +23,7 @@ def get_clip_config(arg, patch_size):
   config.data.text.max_len = config.model.text.max_len
   config.objective.name = "clip"
   config.objective.loss = arg.loss
+  common.contrastive_execution(config.objective)
   if arg.loss == "sigmoid":  # SigLIP: logit scale ln 10, bias -10.
     config.model.logit_scale_init = math.log(10.0)
     config.model.logit_bias_init = -10.0

@@ -8,6 +8,9 @@ Run (accelerators; data built with hvla.tools.build_dataset):
 
 Arguments: runlocal, evals=false, loss=softmax|sigmoid, batch=N, steps=N, data=TFDS_NAME_OR_DIR.
 
+Large batches (docs/scaling.md): --config.objective.strategy=chunked|sharded
+--config.objective.block_size=1024, --config.accum_steps=K, --config.model.remat=full.
+
 Expected: ImageNet zero-shot top-1 40.7% after 32 epochs of YFCC15M-V2 at batch 4096
 (the CLIP baseline reported with PyramidCLIP). runlocal: see README "Results" (measured).
 """

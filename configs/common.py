@@ -83,3 +83,11 @@ def shapes_evals(every_steps):
       "retrieval": evaluators.default_eval_config(
           "retrieval", every_steps=every_steps, split="validation"),
   })
+
+
+def contrastive_execution(objective):
+  """Gives `objective` the keys that choose how its contrastive terms run (dense by
+  default; docs/scaling.md), so the command line can set them:
+  --config.objective.strategy=sharded --config.objective.block_size=1024."""
+  objective.strategy = "dense"
+  objective.block_size = ml_collections.config_dict.placeholder(int)

@@ -59,6 +59,7 @@ def get_pyramid_config(arg, *, patch_size=None):
 
   config.objective = ml_collections.ConfigDict(dict(
       name="pyramid", alpha=arg.alpha, lam=arg.lam, mu=arg.mu))
+  common.contrastive_execution(config.objective)
   config.log_every = 100
   config.checkpoint_every = 2000
   if arg.runlocal:

@@ -71,3 +71,27 @@ def test_wrong_override_on_command_line_fails_with_its_name(tmp_path):
   assert result.returncode != 0
   assert "learning_rate" in result.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+def parse_config_flags(*args):
+  """The config of a command line `--config=... --config.key=value ...`."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = [sys.argv[0], *args]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
+                                  sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+@pytest.mark.parametrize("name", ["clip_vitb16", "pyramid_vitb16"])
+def test_contrastive_strategy_is_set_from_the_command_line(name):
+  from hvla import losses
+  config = f"--config=configs/{name}.py:runlocal"
+  objective = losses.get_objective(parse_config_flags(config).objective)
+  assert (objective.strategy, objective.block_size) == ("dense", None)
+  objective = losses.get_objective(parse_config_flags(
+      config, "--config.objective.strategy=chunked",
+      "--config.objective.block_size=128").objective)
+  assert (objective.strategy, objective.block_size) == ("chunked", 128)
