@@ -3,6 +3,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+import tiny
 
 from configs import clip_vitb16
 from hvla import train
@@ -78,15 +79,7 @@ def test_peak_rss_sees_an_allocation():
 # The train-step benchmark.
 # ----------------------------------------------------------------------------------------
 def tiny_config(**mesh):
-  config = clip_vitb16.get_config('runlocal')
-  config.batch_size = 16
-  config.model.image.update(image_size=32, patch_size=8, width=32, depth=2, heads=2)
-  config.model.text.update(width=32, depth=1, heads=2, max_len=16)
-  config.model.embed_dim = 32
-  config.data.text.max_len = 16
-  for view in config.data.views.values():
-    view.size = 32
-  config.evals = {}
+  config = tiny.shrink(clip_vitb16.get_config('runlocal'), text_depth=1)
   config.mesh.update(mesh)
   return config
 

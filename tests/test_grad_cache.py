@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import clip_vitb16, pyramid_vitb16
@@ -79,13 +80,7 @@ def tiny_objective_config(name):
     config = pyramid_vitb16.get_config("runlocal")
   else:
     config = clip_vitb16.get_config(f"runlocal,loss={name}")
-  config.batch_size = 32
-  config.model.image.update(image_size=32, patch_size=8, width=32, depth=4, heads=2)
-  config.model.text.update(width=32, depth=2, heads=2, max_len=16)
-  config.model.embed_dim = 32
-  config.data.text.max_len = 16
-  for view in config.data.views.values():
-    view.size = 32
+  tiny.shrink(config, image_depth=4, batch_size=32)
   config.mesh.update(data=8, fsdp=1, model=1)
   # Adam's first update is g / (|g| + eps): a large eps keeps it proportional to the
   # gradient, so the comparison below measures gradients rather than rounding signs.

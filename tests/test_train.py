@@ -9,6 +9,7 @@ import time
 import jax
 import numpy as np
 import pytest
+import tiny
 
 from configs import clip_vitb16
 from hvla import checkpointing
@@ -20,19 +21,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(data_dir):
-  config = clip_vitb16.get_config("runlocal")
-  config.batch_size = 16
+  config = tiny.shrink(clip_vitb16.get_config("runlocal"))
   config.total_steps = 3
   config.schedule.warmup_steps = 1
-  config.model.image.update(image_size=32, patch_size=8, width=32, depth=2, heads=2)
-  config.model.text.update(width=32, depth=2, heads=2, max_len=16)
-  config.model.embed_dim = 32
   config.data.data_dir = str(data_dir)
   config.data.shapes.update(image_size=32, num_train=256, num_validation=64, num_test=64)
-  config.data.text.max_len = 16
-  for view in config.data.views.values():
-    view.size = 32
-  config.evals = {}
   return config
 
 
