@@ -210,8 +210,7 @@ def time_interleaved(cases, *, steps, warmup):
   import jax  # pylint: disable=g-import-not-at-top
   for case in cases:
     for _ in range(warmup):
-      case.step()
-    jax.block_until_ready(case.step())
+      jax.block_until_ready(case.step())
   times = {case.name: [] for case in cases}
   for _ in range(steps):
     for case in cases:
@@ -244,6 +243,9 @@ def measure_variants(config, variants, *, steps, warmup, aot, peak_tflops=None):
   """Results of `config` changed by each of `variants` [(name, overrides)], compiled
   one by one and timed interleaved (see `time_interleaved`)."""
   import jax  # pylint: disable=g-import-not-at-top
+  names = [name for name, _ in variants]
+  if len(set(names)) != len(names):
+    raise ValueError(f"Variant names must differ, got {names}.")
   cases = []
   for name, overrides in variants:
     case = Case(name, apply_overrides(config, overrides), aot)
