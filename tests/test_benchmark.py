@@ -180,3 +180,28 @@ def test_reference_runs_the_same_towers():
   config.model.image.pool = 'gap'
   with pytest.raises(ValueError, match="CLIP's towers only"):
     br.compare(config, batch=4, dtypes=['float32'], steps=1, warmup=0)
+
+
+def test_transformers_clip_computes_hvla_clip_from_converted_parameters():
+  """An independent implementation of the same towers: FlaxCLIPModel given hvla's
+  parameters gives hvla's embeddings and logits."""
+  from hvla import models
+  from hvla.tools import benchmark_reference as br
+  from transformers import FlaxCLIPModel
+  config = clip_vitb16.get_config('runlocal').model
+  config.text.vocab_size = 64
+  model = models.get_model(config)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(3, 64, 64, 3)).astype(np.float32)
+  tokens = np.zeros((3, 32), np.int32)
+  for i, n in enumerate((5, 17, 31)):  # EOS (3) ends each caption, then padding
+    tokens[i, :n] = rng.integers(4, 64, n)
+    tokens[i, n] = 3
+  params = nn.unbox(model.init(jax.random.key(0), images[:1], tokens[:1]))['params']
+  ours = model.apply({'params': params}, images, tokens)
+  reference = FlaxCLIPModel(br.hf_clip_config(config), _do_init=False)
+  theirs = reference(input_ids=tokens, pixel_values=images.transpose(0, 3, 1, 2),
+                     attention_mask=(tokens > 0).astype(np.int32),
+                     params=br.to_transformers(params, config.image.patch_size))
+  np.testing.assert_allclose(ours[0]['embedding'], theirs.image_embeds, atol=2e-5)
+  np.testing.assert_allclose(ours[1]['embedding'], theirs.text_embeds, atol=2e-5)

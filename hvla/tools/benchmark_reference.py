@@ -7,8 +7,8 @@ r"""hvla's CLIP train step against the Flax CLIP of Hugging Face transformers.
 `transformers.FlaxCLIPModel` is the public JAX CLIP that installs from a package index;
 its `examples/flax/contrastive-image-text` script trains it. Here it is built with the
 towers of the hvla config (widths, depths, heads, patch and image size, vocabulary,
-context and joint width; the parameter counts are checked equal) and trained the way
-that script does: CLIP's symmetric cross-entropy of the logits, `optax.adamw`, one
+context and joint width), given hvla's initial parameters (`to_transformers`; the tests
+check that both then compute the same embeddings), and trained the way that script does: CLIP's symmetric cross-entropy of the logits, `optax.adamw`, one
 jitted step. hvla's own step (clipping, decay masks, metrics and all) runs on the same
 single device with the same synthetic batch and compute dtype. The two steps alternate,
 so the ratio of their median times holds on a loaded machine.
@@ -40,23 +40,63 @@ def hf_clip_config(model_config):
   """A transformers CLIPConfig with the towers of hvla's `config.model` (ViT + text
   transformer with CLIP's pooling: class token for images, EOT for text)."""
   from transformers import CLIPConfig  # pylint: disable=g-import-not-at-top
+  from hvla.models import layers  # pylint: disable=g-import-not-at-top
   image, text = model_config.image, model_config.text
   if image.name != "vit" or text.name != "transformer" or image.pool != "cls" or (
       text.pooling != "eot"):
     raise ValueError("The reference covers CLIP's towers only: model.image.name='vit' "
                      "with pool='cls', model.text.name='transformer' with pooling='eot'.")
+  same = dict(hidden_act="gelu", layer_norm_eps=layers.LN_EPSILON)  # hvla's exact GELU
   return CLIPConfig(
       projection_dim=model_config.embed_dim,
       vision_config=dict(hidden_size=image.width, num_hidden_layers=image.depth,
                          num_attention_heads=image.heads, image_size=image.image_size,
                          patch_size=image.patch_size,
-                         intermediate_size=int(image.width * image.mlp_ratio)),
+                         intermediate_size=int(image.width * image.mlp_ratio), **same),
       text_config=dict(vocab_size=text.vocab_size, hidden_size=text.width,
                        num_hidden_layers=text.depth, num_attention_heads=text.heads,
                        max_position_embeddings=text.max_len,
                        intermediate_size=int(text.width * text.mlp_ratio),
                        # transformers pools the first EOS id, hvla the last real token.
-                       eos_token_id=3))
+                       eos_token_id=3, **same))
+
+
+def to_transformers(params, patch_size):
+  """hvla CLIP parameters (unscanned) -> FlaxCLIPModel's, computing the same function."""
+  def layers(encoder):
+    def layer(block):
+      qkv, out = block["attn"]["qkv"], block["attn"]["out"]
+      width = qkv["kernel"].shape[0]
+      def projection(i):
+        return {"kernel": qkv["kernel"][:, i].reshape(width, -1),
+                "bias": qkv["bias"][i].reshape(-1)}
+      return {"self_attn": {"q_proj": projection(0), "k_proj": projection(1),
+                            "v_proj": projection(2),
+                            "out_proj": {"kernel": out["kernel"].reshape(-1, width),
+                                         "bias": out["bias"]}},
+              "layer_norm1": block["norm1"], "layer_norm2": block["norm2"],
+              "mlp": block["mlp"]}
+    return {"layers": {name.removeprefix("block_"): layer(block)
+                       for name, block in encoder.items()}}
+  img, txt = params["img"], params["txt"]
+  patch_kernel = img["embedding"]["kernel"]  # rows in (row, column, channel) order
+  return {
+      "logit_scale": params["logit_scale"],
+      "vision_model": {
+          "embeddings": {
+              "class_embedding": img["cls"],
+              "patch_embedding": {"kernel": patch_kernel.reshape(
+                  patch_size, patch_size, -1, patch_kernel.shape[-1])},
+              "position_embedding": {"embedding": img["pos_embedding"]}},
+          "pre_layrnorm": img["pre_norm"], "encoder": layers(img["encoder"]),
+          "post_layernorm": img["norm"]},
+      "visual_projection": params["img_proj"],
+      "text_model": {
+          "embeddings": {"token_embedding": txt["token_embedding"],
+                         "position_embedding": {"embedding": txt["pos_embedding"]}},
+          "encoder": layers(txt["encoder"]), "final_layer_norm": txt["norm"]},
+      "text_projection": params["txt_proj"],
+  }
 
 
 def parameter_count(tree):
@@ -64,15 +104,21 @@ def parameter_count(tree):
 
 
 class ReferenceCase:
-  """FlaxCLIPModel trained as transformers' contrastive-image-text example trains it."""
+  """FlaxCLIPModel trained as transformers' contrastive-image-text example trains it,
+  from hvla's parameters `params` (so both steps work on the same values)."""
 
-  def __init__(self, model_config, batch, *, dtype, lr=5e-4, weight_decay=0.2):
+  def __init__(self, model_config, params, batch, *, dtype, lr=5e-4, weight_decay=0.2):
     from transformers import FlaxCLIPModel  # pylint: disable=g-import-not-at-top
     self.name = f"transformers FlaxCLIPModel, {dtype}"
     self.model = FlaxCLIPModel(hf_clip_config(model_config), dtype=jnp.dtype(dtype),
                                _do_init=False)
-    params = jax.jit(self.model.init_weights, static_argnums=1)(
-        jax.random.key(0), self.model.input_shape)
+    expected = jax.eval_shape(
+        lambda: self.model.init_weights(jax.random.key(0), self.model.input_shape))
+    params = jax.device_put(to_transformers(params, model_config.image.patch_size))
+    if jax.tree.structure(params) != jax.tree.structure(expected) or any(
+        a.shape != b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected))):
+      raise ValueError("The towers differ: hvla's parameters do not map onto "
+                       "FlaxCLIPModel's.")
     self.parameters = parameter_count(params)
     decay = jax.tree.map(lambda x: x.ndim > 1, params)  # the example's decay mask
     tx = optax.adamw(lr, b1=0.9, b2=0.98, eps=1e-6, weight_decay=weight_decay, mask=decay)
@@ -105,8 +151,8 @@ class ReferenceCase:
 
 
 def compare(config, *, batch, dtypes, steps, warmup):
-  """[(hvla results, reference results)] per dtype: the same towers, batch and device."""
-  from hvla import models  # pylint: disable=g-import-not-at-top
+  """[(hvla results, reference results)] per dtype: the same towers, parameter values,
+  batch and device."""
   rows = []
   for dtype in dtypes:
     hvla_config = benchmark.apply_overrides(
@@ -116,21 +162,15 @@ def compare(config, *, batch, dtypes, steps, warmup):
                           devices=jax.devices()[:1])
     host_batch = benchmark.synthetic_batch(
         benchmark.batch_spec(hvla_config.data, batch), hvla_config.model.text.vocab_size)
-    reference = ReferenceCase(hvla_config.model, host_batch, dtype=dtype)
-    hvla_parameters = parameter_count(jax.eval_shape(
-        models.get_model(hvla_config.model).init, jax.random.key(0),
-        jnp.zeros((1,) + host_batch["images"]["image"].shape[1:]),
-        jnp.zeros((1,) + host_batch["tokens"]["caption"].shape[1:], jnp.int32))["params"])
-    if hvla_parameters != reference.parameters:
-      raise ValueError(f"The towers differ: hvla has {hvla_parameters:,} parameters, the "
-                       f"reference {reference.parameters:,}.")
+    reference = ReferenceCase(hvla_config.model, jax.device_get(ours.state["params"]),
+                              host_batch, dtype=dtype)
     times = benchmark.time_interleaved([ours, reference], steps=steps, warmup=warmup)
     theirs = {"name": reference.name, "batch": batch, "device_kind": ours.results[
         "device_kind"], "flops_per_step": ours.results["flops_per_step"]}
     rows.append((benchmark.add_speed(ours.results, times[ours.name]),
                  benchmark.add_speed(theirs, times[reference.name])))
     for r in rows[-1]:
-      r["parameters"] = hvla_parameters
+      r["parameters"] = reference.parameters
   return rows
 
 
