@@ -173,10 +173,14 @@ def test_matmul_peak_is_measured():
 def test_reference_runs_the_same_towers():
   from hvla.tools import benchmark_reference as br
   config = clip_vitb16.get_config('runlocal')
-  (ours, theirs), = br.compare(config, batch=4, dtypes=['float32'], steps=2, warmup=1)
-  assert ours['parameters'] == theirs['parameters'] > 10**6
-  assert ours['devices'] == 1 and len(theirs['step_seconds_all']) == 2
-  assert '| float32 | transformers FlaxCLIPModel |' in br.format_table([(ours, theirs)])
+  (configured, unclipped, theirs), = br.compare(config, batch=4, dtypes=['float32'],
+                                                steps=2, warmup=1)
+  assert configured['parameters'] == theirs['parameters'] > 10**6
+  assert configured['devices'] == unclipped['devices'] == 1
+  assert all(len(r['step_seconds_all']) == 2 for r in (configured, unclipped, theirs))
+  table = br.format_table([(configured, unclipped, theirs)])
+  assert '| float32 | transformers FlaxCLIPModel |' in table
+  assert '| float32 | hvla (clip_norm=1.0) |' in table and 'hvla (clip_norm=0) |' in table
   config.model.image.pool = 'gap'
   with pytest.raises(ValueError, match="CLIP's towers only"):
     br.compare(config, batch=4, dtypes=['float32'], steps=1, warmup=0)
