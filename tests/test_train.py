@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -145,3 +146,22 @@ def test_sharding_like_params_matches_by_path_and_shape():
   out = sharding.like_params(tree, params, {"a": {"w": split}, "b": whole}, whole)
   assert out["mu"]["a"]["w"] is split and out["mu"]["b"] is whole
   assert out["count"] is whole and out["other"]["w"] is whole
+
+
+def lowered_step_text(config, devices):
+  from hvla.tools import benchmark
+  setup = train.Setup(config, devices=devices)
+  spec = train.global_batch_spec(benchmark.batch_spec(config.data, config.batch_size))
+  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    return jax.jit(setup.train_step_fn()).lower(setup.abstract_state(), spec).as_text()
+
+
+def test_activation_constraints_reach_the_lowered_step(data_dir):
+  """The models' logical constraints are active under the trainer's mesh (one per block
+  and attention at least), and left out on a one-device mesh, where they are no-ops."""
+  config = tiny_config(data_dir)
+  config.mesh.update(data=4, fsdp=1, model=2)
+  blocks = config.model.image.depth + config.model.text.depth
+  assert lowered_step_text(config, jax.devices()).count("sharding_constraint") >= 4 * blocks
+  config.mesh.update(data=1, fsdp=1, model=1)
+  assert "sharding_constraint" not in lowered_step_text(config, jax.devices()[:1])

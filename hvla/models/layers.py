@@ -34,7 +34,10 @@ def partitioned(init, *names):
 
 
 def constrain(x, *names):
-  """Logical sharding constraint on an activation (a no-op without rules)."""
+  """Logical sharding constraint on an activation: a no-op without rules, and skipped
+  on a one-device mesh, where it could only cost copies."""
+  if jax.sharding.get_abstract_mesh().size == 1:
+    return x
   return nn.with_logical_constraint(x, names)
 
 
