@@ -91,3 +91,29 @@ def contrastive_execution(objective):
   --config.objective.strategy=sharded --config.objective.block_size=1024."""
   objective.strategy = "dense"
   objective.block_size = ml_collections.config_dict.placeholder(int)
+
+
+def yfcc_recipe():
+  """The schedule that PyramidCLIP and its CLIP baselines share: 32 epochs at batch
+  4096, 1 warm-up epoch, AdamW lr 5e-4, eps 1e-8, weight decay 0.1, bfloat16."""
+  from hvla import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config()
+  config.batch_size = 4096
+  config.total_epochs = 32.0
+  config.schedule.warmup_epochs = 1.0
+  config.optimizer.update(lr=5e-4, eps=1e-8, weight_decay=0.1)
+  config.model.dtype = "bfloat16"
+  config.log_every = 100
+  config.checkpoint_every = 2000
+  return config
+
+
+def apply_run_args(config, arg):
+  """The arguments every config takes: evals=false, batch=N, steps=N."""
+  if not arg.evals:
+    config.evals = {}
+  if arg.batch:
+    config.batch_size = arg.batch
+  if arg.steps:
+    config.total_steps, config.total_epochs = arg.steps, None
+  return config

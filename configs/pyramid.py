@@ -8,7 +8,6 @@ freeze_patch_embed=true|false (both on by default, as in the official model).
 import ml_collections
 
 from configs import common
-from hvla import config as config_lib
 from hvla import evaluators
 from hvla.models import resnet
 
@@ -27,16 +26,8 @@ def get_pyramid_config(arg, *, patch_size=None):
     spec.update(leff=True, freeze_patch_embed=True)
   arg = common.parse_arg(arg, **spec)
 
-  config = config_lib.base_config()
-  config.batch_size = 4096
-  config.total_epochs = 32.0
-  config.schedule.warmup_epochs = 1.0
-  config.optimizer.lr = 5e-4
-  config.optimizer.eps = 1e-8
-  config.optimizer.weight_decay = 0.1
-
+  config = common.yfcc_recipe()
   model = config.model
-  model.dtype = "bfloat16"
   model.text.pooling = "max"  # [paper]
   model.pyramid.roi.source = arg.roi
   if vit:
@@ -60,17 +51,9 @@ def get_pyramid_config(arg, *, patch_size=None):
   config.objective = ml_collections.ConfigDict(dict(
       name="pyramid", alpha=arg.alpha, lam=arg.lam, mu=arg.mu))
   common.contrastive_execution(config.objective)
-  config.log_every = 100
-  config.checkpoint_every = 2000
   if arg.runlocal:
     runlocal(config, vit)
-  if not arg.evals:
-    config.evals = {}
-  if arg.batch:
-    config.batch_size = arg.batch
-  if arg.steps:
-    config.total_steps, config.total_epochs = arg.steps, None
-  return config
+  return common.apply_run_args(config, arg)
 
 
 def runlocal(config, vit):

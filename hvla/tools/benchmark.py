@@ -13,6 +13,7 @@ so an out-of-memory configuration shows before any hardware is booked. Each --va
 the config with some keys changed; all are compiled, their timed steps alternate (so
 their ratios hold on a loaded machine) and a table compares them.
 """
+import ast
 import json
 import os
 import resource
@@ -140,7 +141,6 @@ def matmul_peak_tflops(dtype="float32", n=4096, repeats=5):
 def apply_overrides(config, overrides):
   """Sets dotted keys (`model.remat=full`) of a copy of `config`; values are Python
   literals or, failing that, strings. An unknown key raises a ValueError naming it."""
-  import ast  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   for item in overrides:
     key, sep, text = item.partition("=")

@@ -25,6 +25,7 @@ from ml_collections import config_flags
 import numpy as np
 import optax
 
+from hvla.models import layers
 from hvla.tools import benchmark
 
 FLAGS = flags.FLAGS
@@ -42,7 +43,6 @@ def hf_clip_config(model_config):
   """A transformers CLIPConfig with the towers of hvla's `config.model` (ViT + text
   transformer with CLIP's pooling: class token for images, EOT for text)."""
   from transformers import CLIPConfig  # pylint: disable=g-import-not-at-top
-  from hvla.models import layers  # pylint: disable=g-import-not-at-top
   image, text = model_config.image, model_config.text
   if image.name != "vit" or text.name != "transformer" or image.pool != "cls" or (
       text.pooling != "eot"):
@@ -65,7 +65,7 @@ def hf_clip_config(model_config):
 
 def to_transformers(params, patch_size):
   """hvla CLIP parameters (unscanned) -> FlaxCLIPModel's, computing the same function."""
-  def layers(encoder):
+  def encoder_layers(encoder):
     def layer(block):
       qkv, out = block["attn"]["qkv"], block["attn"]["out"]
       width = qkv["kernel"].shape[0]
@@ -90,13 +90,13 @@ def to_transformers(params, patch_size):
               "patch_embedding": {"kernel": patch_kernel.reshape(
                   patch_size, patch_size, -1, patch_kernel.shape[-1])},
               "position_embedding": {"embedding": img["pos_embedding"]}},
-          "pre_layrnorm": img["pre_norm"], "encoder": layers(img["encoder"]),
+          "pre_layrnorm": img["pre_norm"], "encoder": encoder_layers(img["encoder"]),
           "post_layernorm": img["norm"]},
       "visual_projection": params["img_proj"],
       "text_model": {
           "embeddings": {"token_embedding": txt["token_embedding"],
                          "position_embedding": {"embedding": txt["pos_embedding"]}},
-          "encoder": layers(txt["encoder"]), "final_layer_norm": txt["norm"]},
+          "encoder": encoder_layers(txt["encoder"]), "final_layer_norm": txt["norm"]},
       "text_projection": params["txt_proj"],
   }
 
