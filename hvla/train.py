@@ -113,7 +113,7 @@ class Setup:
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       metrics = dict(metrics, loss=loss, lr=schedule(state["step"]),
-                     grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
+                     grad_norm=optim.gradient_norm(grads), param_norm=optax.global_norm(params))
       new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
       return new_state, metrics
 
