@@ -397,6 +397,96 @@ def test_bfloat16_compute_keeps_float32_params():
   np.testing.assert_allclose(txt16["embedding"], txt32["embedding"], atol=0.05)
 
 
+@pytest.mark.parametrize("features,names,x_shape", [
+    ((3, 4, 8), ("embed", None, "heads", "kv"), (2, 5, 32)),  # width -> q/k/v heads
+    ((32,), ("heads", "kv", "embed"), (2, 5, 4, 8)),  # heads -> width
+])
+def test_dense_nd_matches_numpy(features, names, x_shape):
+  n_in = len(names) - len(features)
+  layer = layers.DenseNd(features, names, nn.initializers.normal(1.0))
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  variables = layer.init(jax.random.key(1), x)
+  kernel = np.asarray(nn.unbox(variables["params"]["kernel"]), np.float64)
+  bias = np.asarray(nn.unbox(variables["params"]["bias"]), np.float64)
+  assert kernel.shape == x_shape[-n_in:] + features and bias.shape == features
+  assert variables["params"]["kernel"].names == names
+  assert variables["params"]["bias"].names == names[n_in:]
+  bias = bias + 1.0  # zero-initialised: give it a value the check can see
+  params = {"kernel": kernel, "bias": bias}
+  expected = np.tensordot(np.asarray(x, np.float64), kernel, axes=n_in) + bias
+  np.testing.assert_allclose(layer.apply({"params": params}, x), expected, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_split_over_devices_follows_rules_and_mesh():
+  assert not layers.split_over_devices("heads")  # no mesh
+  mesh = jax.make_mesh((4, 2), ("data", "model"), (jax.sharding.AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    assert layers.split_over_devices("heads")
+    assert layers.split_over_devices(None, "mlp")
+    assert not layers.split_over_devices("embed", "kv", None)
+  flat = jax.make_mesh((8, 1), ("data", "model"), (jax.sharding.AxisType.Auto,) * 2)
+  with jax.set_mesh(flat), nn.logical_axis_rules(RULES):
+    assert not layers.split_over_devices("heads")
+
+
+def test_dense_nd_keeps_sharded_heads_in_place():
+  """With the heads split over devices the q/k/v kernel is not merged into a matrix,
+  which would gather it: its gradient needs no all-gather, only the reduction over the
+  batch shards."""
+  mesh = jax.make_mesh((4, 2), ("data", "model"), (jax.sharding.AxisType.Auto,) * 2)
+  layer = layers.DenseNd((3, 4, 8), ("embed", None, "heads", "kv"),
+                         nn.initializers.normal(1.0))
+  x = jax.random.normal(jax.random.key(0), (8, 5, 32))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    abstract = jax.eval_shape(layer.init, jax.random.key(1), x)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, RULES)
+    variables = jax.jit(layer.init, out_shardings=shardings)(jax.random.key(1), x)
+    x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+
+    def loss(params, x):
+      return jnp.sum(layer.apply({"params": params}, x) ** 2)
+    params = nn.unbox(variables["params"])
+    hlo = jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()
+    grads = jax.jit(jax.grad(loss))(params, x)
+  assert "all-gather" not in hlo and "all-reduce" in hlo
+  expected = jax.grad(loss)(jax.device_get(params), jax.device_get(x))
+  assert_trees_close(grads, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masking", ["none", "lengths", "mask"])
+def test_xla_attention_equals_jax_dot_product_attention(dtype, causal, masking):
+  """hvla's 'xla' attention computes jax.nn.dot_product_attention's function, values and
+  gradients, with every kind of masking (a row with no valid key included)."""
+  b, t, h, d = 3, 7, 2, 8
+  q, k, v = (jax.random.normal(key, (b, t, h, d), dtype)
+             for key in jax.random.split(jax.random.key(0), 3))
+  options = {"none": {}, "lengths": {"key_value_seq_lengths": jnp.array([7, 3, 0])},
+             "mask": {"mask": jax.random.bernoulli(jax.random.key(1), 0.6, (b, 1, t, t))}}
+  ours = {"none": {}, "lengths": {"lengths": jnp.array([7, 3, 0])},
+          "mask": {"mask": options["mask"]["mask"]}}
+
+  def loss(attention, q, k, v):
+    return jnp.sum(jnp.sin(attention(q, k, v).astype(jnp.float32)))
+
+  def theirs_fn(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla",
+                                        **options[masking])
+
+  def ours_fn(q, k, v):
+    return layers.dot_product_attention(q, k, v, causal=causal, **ours[masking])
+
+  tolerance = 1e-6 if dtype == "float32" else 2 ** -5  # a few bfloat16 steps near 1
+  np.testing.assert_allclose(np.asarray(ours_fn(q, k, v), np.float32),
+                             np.asarray(theirs_fn(q, k, v), np.float32), atol=tolerance)
+  grads = [jax.grad(loss, argnums=(1, 2, 3))(f, q, k, v) for f in (ours_fn, theirs_fn)]
+  for mine, reference in zip(*grads):
+    np.testing.assert_allclose(np.asarray(mine, np.float32), np.asarray(reference, np.float32),
+                               atol=tolerance * 4)
+
+
 def test_attention_implementation_reaches_every_attention_call(monkeypatch):
   """`model.attention` is passed to every `dot_product_attention` of both towers."""
   monkeypatch.setattr(models.jax, "default_backend", lambda: "gpu")  # pass the check

@@ -49,8 +49,9 @@ def default_model_config():
   c.logit_bias_init = ml_collections.config_dict.placeholder(float)  # e.g. -10 for sigmoid
   c.remat = "none"  # 'none' | 'full' | 'dots' (jax.checkpoint policy per block)
   c.scan = False  # nn.scan over the blocks (params stacked on a 'layers' axis)
-  # jax.nn.dot_product_attention's implementation: 'xla' (any backend) or 'cudnn'
-  # (cuDNN's fused flash-attention kernel; NVIDIA GPU, bfloat16).
+  # layers.dot_product_attention's implementation: 'xla' (einsums and a float32 softmax,
+  # compiled by XLA; any backend) or 'cudnn' (jax.nn.dot_product_attention's fused
+  # flash-attention kernel; NVIDIA GPU, bfloat16).
   c.attention = "xla"
   c.image = ml_collections.ConfigDict(dict(
       name="vit", image_size=224, patch_size=16, width=768, depth=12, heads=12,

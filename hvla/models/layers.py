@@ -12,6 +12,7 @@ layer-wise alignment. The first `leff_depth` blocks may replace their MLP by a L
 (PyramidCLIP's f1 blocks).
 """
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -81,16 +82,92 @@ def pool(x, lengths, kind):
   raise ValueError(f"Unknown pooling {kind!r}, expected one of {POOLINGS}.")
 
 
-class Attention(nn.Module):
-  """Multi-head self-attention through `jax.nn.dot_product_attention`.
+def dot_product_attention(q, k, v, *, implementation="xla", causal=False, lengths=None,
+                          mask=None):
+  """Softmax attention of q [B, T, H, D] over k, v [B, S, H, D]; returns [B, T, H, D].
 
-  The fused q/k/v kernel is initialised as one [W, 3W] matrix (as torch's
-  MultiheadAttention, which CLIP uses).
+  Keys are hidden past each row's `lengths` [B] (None: none), after the query when
+  `causal`, and where `mask` (broadcastable to [B, H, T, S], True: attend) is False.
+
+  'cudnn' is jax.nn.dot_product_attention's fused (flash) kernel. 'xla' is written here
+  [ours]: the same function as jax.nn.dot_product_attention's XLA path (the tests
+  compare them), logits in the compute dtype and the softmax in float32, but as two
+  einsums over [B, H, T, S] without that path's grouped-query 5-D reshapes, whose
+  transposes cost ~4% of clip_vitb16's train step on the CPU backend (BENCHMARKS.md).
+  """
+  if implementation == "cudnn":
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=causal, key_value_seq_lengths=lengths,
+        implementation="cudnn")
+  logits = jnp.einsum("bthd,bshd->bhts", q, k)
+  logits = (logits * jnp.asarray(q.shape[-1] ** -0.5, logits.dtype)).astype(jnp.float32)
+  t, s = logits.shape[-2:]
+  keep = jnp.ones((1, 1, 1, s), bool) if mask is None else mask
+  if lengths is not None:
+    keep = keep & (jnp.arange(s) < lengths[:, None])[:, None, None, :]
+  if causal:
+    keep = keep & jnp.tril(jnp.ones((t, s), bool))
+  logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
+def split_over_devices(*names):
+  """Whether the active logical rules and mesh split any of the logical axes `names`
+  over more than one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return False
+  for entry in nn.logical_to_mesh_axes(names):
+    for axis in entry if isinstance(entry, tuple) else (entry,):
+      if axis is not None and mesh.shape[axis] > 1:
+        return True
+  return False
+
+
+class DenseNd(nn.Module):
+  """A Dense layer whose input and output features have several axes: x [..., *in]
+  times a kernel [*in, *features] plus a bias [*features], e.g. the width to
+  (q/k/v, heads, head_dim), or (heads, head_dim) back to the width.
+
+  It multiplies as one matrix [prod(in), prod(features)] [ours]: given the kernel as a
+  4-D einsum operand, XLA's CPU backend computes its gradient transposed and transposes
+  it back in the optimizer (~8% of clip_vitb16's train step, BENCHMARKS.md). Merging
+  kernel axes is free unless the rules split one that is not the first of its group over
+  devices (q/k/v before sharded heads); that kernel would be gathered, so it is then
+  multiplied as it is.
+  """
+  features: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]  # logical names, input axes then `features`'
+  kernel_init: Any
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n_in = len(self.kernel_axes) - len(self.features)
+    in_shape, batch = x.shape[x.ndim - n_in:], x.shape[:x.ndim - n_in]
+    kernel = self.param("kernel", partitioned(self.kernel_init, *self.kernel_axes),
+                        in_shape + tuple(self.features))
+    bias = self.param("bias", partitioned(nn.initializers.zeros, *self.kernel_axes[n_in:]),
+                      tuple(self.features))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if split_over_devices(*self.kernel_axes[1:n_in], *self.kernel_axes[n_in + 1:]):
+      y = jax.lax.dot_general(
+          x, kernel, ((tuple(range(len(batch), x.ndim)), tuple(range(n_in))), ((), ())))
+    else:
+      y = (x.reshape(batch + (-1,)) @ kernel.reshape(math.prod(in_shape), -1)).reshape(
+          batch + tuple(self.features))
+    return y + bias
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention (`dot_product_attention` with `implementation`).
+
+  The fused q/k/v kernel [W, 3, heads, head_dim] is initialised as one [W, 3W] matrix
+  (as torch's MultiheadAttention, which CLIP uses).
 
   `lengths` [B] (or None) masks keys past each row's valid length, which makes
-  padding invisible to every real position. `implementation` is
-  `dot_product_attention`'s: 'xla' everywhere, or 'cudnn' for cuDNN's fused (flash)
-  kernel on NVIDIA GPUs in bfloat16.
+  padding invisible to every real position.
   """
   heads: int
   causal: bool = False
@@ -101,21 +178,18 @@ class Attention(nn.Module):
   def __call__(self, x, lengths=None):
     width = x.shape[-1]
     head_dim = width // self.heads
-    qkv = nn.Einsum(
-        (width, 3, self.heads, head_dim), "btw,wkhd->btkhd", dtype=self.dtype, name="qkv",
-        kernel_init=partitioned(nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2, 3)),
-                                "embed", None, "heads", "kv"),
-        bias_init=partitioned(nn.initializers.zeros, None, "heads", "kv"))(x)
+    qkv = DenseNd(
+        (3, self.heads, head_dim), ("embed", None, "heads", "kv"),
+        nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2, 3)), self.dtype,
+        name="qkv")(x)
     q, k, v = (constrain(qkv[:, :, i], "act_batch", "act_len", "act_heads", None)
                for i in range(3))
-    y = jax.nn.dot_product_attention(
-        q, k, v, is_causal=self.causal, key_value_seq_lengths=lengths,
-        implementation=self.implementation)
-    return nn.Einsum(
-        (self.heads, head_dim, width), "bthd,hdw->btw", dtype=self.dtype, name="out",
-        kernel_init=partitioned(nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2),
-                                "heads", "kv", "embed"),
-        bias_init=partitioned(nn.initializers.zeros, "embed"))(y)
+    y = dot_product_attention(q, k, v, implementation=self.implementation,
+                              causal=self.causal, lengths=lengths)
+    return DenseNd(
+        (width,), ("heads", "kv", "embed"),
+        nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2), self.dtype,
+        name="out")(y)
 
 
 class Mlp(nn.Module):

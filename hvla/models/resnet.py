@@ -48,7 +48,6 @@ the attention pool the same names as `layers.Attention`.
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -166,7 +165,7 @@ class AttentionPool(nn.Module):
   output_dim: int
   native_grid: tuple[int, int]
   dtype: Any = jnp.float32
-  attention: str = "xla"  # dot_product_attention's implementation
+  attention: str = "xla"  # layers.dot_product_attention's implementation
 
   @nn.compact
   def __call__(self, x, grid=None, mask=None):
@@ -191,17 +190,13 @@ class AttentionPool(nn.Module):
       x = x + jnp.concatenate([pos[:1], resize_pos_embedding(pos[1:], self.native_grid, grid)])
     x = layers.constrain(x, "act_batch", "act_len", "act_embed")
     head_dim = width // self.heads
-    qkv = nn.Einsum(
-        (width, 3, self.heads, head_dim), "btw,wkhd->btkhd", dtype=self.dtype, name="qkv",
-        kernel_init=layers.partitioned(init, "embed", None, "heads", "kv"),
-        bias_init=layers.partitioned(nn.initializers.zeros, None, "heads", "kv"))(x)
+    qkv = layers.DenseNd((3, self.heads, head_dim), ("embed", None, "heads", "kv"), init,
+                         self.dtype, name="qkv")(x)
     q, k, v = (layers.constrain(qkv[:, :, i], "act_batch", "act_len", "act_heads", None)
                for i in range(3))
-    y = nn.Einsum(
-        (self.heads, head_dim, self.output_dim), "bthd,hdo->bto", dtype=self.dtype,
-        name="out", kernel_init=layers.partitioned(init, "heads", "kv", "embed"),
-        bias_init=layers.partitioned(nn.initializers.zeros, "embed"))(
-            jax.nn.dot_product_attention(q, k, v, mask=keys, implementation=self.attention))
+    y = layers.DenseNd((self.output_dim,), ("heads", "kv", "embed"), init, self.dtype,
+                       name="out")(
+        layers.dot_product_attention(q, k, v, mask=keys, implementation=self.attention))
     y = layers.constrain(y, "act_batch", "act_len", "act_embed")
     return y[:, 0], y[:, 1:]
 
