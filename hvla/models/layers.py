@@ -12,6 +12,7 @@ layer-wise alignment. The first `leff_depth` blocks may replace their MLP by a L
 (PyramidCLIP's f1 blocks).
 """
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -82,6 +83,34 @@ def pool(x, lengths, kind):
   raise ValueError(f"Unknown pooling {kind!r}, expected one of {POOLINGS}.")
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softmax_to(logits, dtype):
+  """softmax(logits) over the last axis, computed in float32 and returned in `dtype`.
+
+  Its gradient is written out from the returned probabilities alone [ours]. Autodiff of
+  `jax.nn.softmax` keeps float32 intermediates of the [B, H, T, S] attention weights
+  for the backward pass as well: 2.9 of clip_vitb16's 20.4 GiB at batch 64, and 1% of
+  its bfloat16 forward and backward pass on the CPU backend (BENCHMARKS.md). In
+  bfloat16 the backward pass then differentiates the probabilities the forward pass
+  used.
+  """
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+
+
+def _softmax_to_fwd(logits, dtype):
+  probs = softmax_to(logits, dtype)
+  return probs, probs
+
+
+def _softmax_to_bwd(dtype, probs, grad):
+  del dtype
+  probs, grad = probs.astype(jnp.float32), grad.astype(jnp.float32)
+  return (probs * (grad - jnp.sum(grad * probs, axis=-1, keepdims=True)),)
+
+
+softmax_to.defvjp(_softmax_to_fwd, _softmax_to_bwd)
+
+
 def dot_product_attention(q, k, v, *, implementation="xla", causal=False, lengths=None,
                           mask=None):
   """Softmax attention of q [B, T, H, D] over k, v [B, S, H, D]; returns [B, T, H, D].
@@ -91,9 +120,10 @@ def dot_product_attention(q, k, v, *, implementation="xla", causal=False, length
 
   'cudnn' is jax.nn.dot_product_attention's fused (flash) kernel. 'xla' is written here
   [ours]: the same function as jax.nn.dot_product_attention's XLA path (the tests
-  compare them), logits in the compute dtype and the softmax in float32, but as two
-  einsums over [B, H, T, S] without that path's grouped-query 5-D reshapes, whose
-  transposes cost ~4% of clip_vitb16's train step on the CPU backend (BENCHMARKS.md).
+  compare them), logits in the compute dtype and the softmax in float32 (`softmax_to`),
+  but as two einsums over [B, H, T, S] without that path's grouped-query 5-D reshapes,
+  whose transposes cost ~4% of clip_vitb16's train step on the CPU backend
+  (BENCHMARKS.md).
   """
   if implementation == "cudnn":
     return jax.nn.dot_product_attention(
@@ -108,7 +138,7 @@ def dot_product_attention(q, k, v, *, implementation="xla", causal=False, length
   if causal:
     keep = keep & jnp.tril(jnp.ones((t, s), bool))
   logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  probs = softmax_to(logits, v.dtype)
   return jnp.einsum("bhts,bshd->bthd", probs, v)
 
 
@@ -160,6 +190,18 @@ class DenseNd(nn.Module):
     return y + bias
 
 
+def split_qkv(qkv):
+  """q, k, v [B, L, H, D] of a fused projection [B, L, 3, H, D].
+
+  One `jnp.split` rather than three slices [ours]: the gradient of a split is one
+  concatenation, where three slices give three zero-padded arrays summed, through the
+  heads' transposes. That took 7% of clip_vitb16's bfloat16 forward and backward pass
+  on the CPU backend (BENCHMARKS.md).
+  """
+  return tuple(constrain(part[:, :, 0], "act_batch", "act_len", "act_heads", None)
+               for part in jnp.split(qkv, 3, axis=2))
+
+
 class Attention(nn.Module):
   """Multi-head self-attention (`dot_product_attention` with `implementation`).
 
@@ -182,8 +224,7 @@ class Attention(nn.Module):
         (3, self.heads, head_dim), ("embed", None, "heads", "kv"),
         nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2, 3)), self.dtype,
         name="qkv")(x)
-    q, k, v = (constrain(qkv[:, :, i], "act_batch", "act_len", "act_heads", None)
-               for i in range(3))
+    q, k, v = split_qkv(qkv)
     y = dot_product_attention(q, k, v, implementation=self.implementation,
                               causal=self.causal, lengths=lengths)
     return DenseNd(

@@ -192,8 +192,7 @@ class AttentionPool(nn.Module):
     head_dim = width // self.heads
     qkv = layers.DenseNd((3, self.heads, head_dim), ("embed", None, "heads", "kv"), init,
                          self.dtype, name="qkv")(x)
-    q, k, v = (layers.constrain(qkv[:, :, i], "act_batch", "act_len", "act_heads", None)
-               for i in range(3))
+    q, k, v = layers.split_qkv(qkv)
     y = layers.DenseNd((self.output_dim,), ("heads", "kv", "embed"), init, self.dtype,
                        name="out")(
         layers.dot_product_attention(q, k, v, mask=keys, implementation=self.attention))
