@@ -89,10 +89,10 @@ def softmax_to(logits, dtype):
 
   Its gradient is written out from the returned probabilities alone [ours]. Autodiff of
   `jax.nn.softmax` keeps float32 intermediates of the [B, H, T, S] attention weights
-  for the backward pass as well: 2.9 of clip_vitb16's 20.4 GiB at batch 64, and 1% of
-  its bfloat16 forward and backward pass on the CPU backend (BENCHMARKS.md). In
-  bfloat16 the backward pass then differentiates the probabilities the forward pass
-  used.
+  for the backward pass as well: 2.9 of clip_vitb16's 20.4 GiB at batch 64, and 1-7%
+  of its bfloat16 forward and backward pass on the CPU backend (two runs,
+  BENCHMARKS.md). In bfloat16 the backward pass then differentiates the probabilities
+  the forward pass used.
   """
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
 
