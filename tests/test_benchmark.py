@@ -1,4 +1,6 @@
 """The benchmarks: contrastive strategies and the train step, on tiny sizes."""
+import os
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -163,6 +165,14 @@ def test_variants_are_timed_interleaved_and_keep_the_model_flops():
   assert '| remat | model.remat=full |' in table and '| 1.00x |' in table
 
 
+def test_lowered_flops_and_parameter_count_by_hand():
+  a = jax.ShapeDtypeStruct((8, 16), np.float32)
+  b = jax.ShapeDtypeStruct((16, 4), np.float32)
+  assert benchmark.lowered_flops(lambda x, y: x @ y, a, b) == 2 * 8 * 16 * 4
+  tree = {'w': np.zeros((3, 4)), 'b': [np.zeros(5), jax.ShapeDtypeStruct((2,), np.float32)]}
+  assert benchmark.parameter_count(tree) == 19
+
+
 def test_matmul_peak_is_measured():
   assert 0 < benchmark.matmul_peak_tflops('float32', n=256, repeats=2) < 1e4
 
@@ -178,19 +188,24 @@ def test_reference_runs_the_same_towers():
   assert configured['parameters'] == theirs['parameters'] > 10**6
   assert configured['devices'] == unclipped['devices'] == 1
   assert all(len(r['step_seconds_all']) == 2 for r in (configured, unclipped, theirs))
+  # The same function: the reference's lowered step counts hvla's FLOPs to within the
+  # optimizer's and the loss's element-wise work.
+  assert theirs['flops_per_step'] == pytest.approx(configured['flops_per_step'], rel=0.02)
   table = br.format_table([(configured, unclipped, theirs)])
-  assert '| float32 | transformers FlaxCLIPModel |' in table
+  assert '| float32 | transformers FlaxCLIPModel | 1,722,369 |' in table
   assert '| float32 | hvla (clip_norm=1.0) |' in table and 'hvla (clip_norm=0) |' in table
   config.model.image.pool = 'gap'
   with pytest.raises(ValueError, match="CLIP's towers only"):
     br.compare(config, batch=4, dtypes=['float32'], steps=1, warmup=0)
+  with pytest.raises(ValueError, match="Unknown reference 'open_clip'"):
+    br.make_reference('open_clip', config, None, None, 'float32')
 
 
 def test_transformers_clip_computes_hvla_clip_from_converted_parameters():
   """An independent implementation of the same towers: FlaxCLIPModel given hvla's
   parameters gives hvla's embeddings and logits."""
   from hvla import models
-  from hvla.tools import benchmark_reference as br
+  from hvla.tools import reference_transformers as rt
   from transformers import FlaxCLIPModel
   config = clip_vitb16.get_config('runlocal').model
   config.text.vocab_size = 64
@@ -203,9 +218,94 @@ def test_transformers_clip_computes_hvla_clip_from_converted_parameters():
     tokens[i, n] = 3
   params = nn.unbox(model.init(jax.random.key(0), images[:1], tokens[:1]))['params']
   ours = model.apply({'params': params}, images, tokens)
-  reference = FlaxCLIPModel(br.hf_clip_config(config), _do_init=False)
+  reference = FlaxCLIPModel(rt.hf_clip_config(config), _do_init=False)
   theirs = reference(input_ids=tokens, pixel_values=images.transpose(0, 3, 1, 2),
                      attention_mask=(tokens > 0).astype(np.int32),
-                     params=br.to_transformers(params, config.image.patch_size))
+                     params=rt.to_transformers(params, config.image.patch_size))
   np.testing.assert_allclose(ours[0]['embedding'], theirs.image_embeds, atol=2e-5)
   np.testing.assert_allclose(ours[1]['embedding'], theirs.text_embeds, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# The big_vision reference: its CLIP from a checkout (it is not on a package index). The
+# tests that run it need HVLA_BIG_VISION_DIR, the root of a big_vision clone.
+# ----------------------------------------------------------------------------------------
+BIG_VISION_DIR = os.environ.get('HVLA_BIG_VISION_DIR')
+needs_big_vision = pytest.mark.skipif(
+    not BIG_VISION_DIR, reason='HVLA_BIG_VISION_DIR (a big_vision checkout) is not set')
+
+
+def test_big_vision_towers_have_hvla_sizes():
+  from hvla.tools import reference_big_vision as rbv
+  config = clip_vitb16.get_config()
+  args = rbv.model_config(config.model, 'bfloat16')
+  assert args['image'] == dict(width=768, depth=12, num_heads=12, mlp_dim=3072,
+                               patch_size=(16, 16), pool_type='tok', head_zeroinit=False,
+                               dtype_mm='bfloat16')
+  assert args['text'] == dict(width=512, depth=12, num_heads=8, mlp_dim=2048,
+                              vocab_size=49408, pool_type='last')
+  assert args['out_dim'] == (512, 512)
+  assert args['temperature_init'] == pytest.approx(1 / 0.07)
+  assert rbv.parameter_difference(config.model) == 2 * 768 - 2 * 512
+  opt = rbv.optimizer_config(config.optimizer, warmup_steps=5)
+  assert opt.wd == pytest.approx(0.0005 * 0.1) and opt.grad_clip_norm == 1.0
+  assert opt.optax.to_dict() == dict(b1=0.9, b2=0.98, eps=1e-8)
+  config.optimizer.name = 'lamb'
+  with pytest.raises(ValueError, match="mirrors AdamW, not 'lamb'"):
+    rbv.optimizer_config(config.optimizer, warmup_steps=5)
+  config.model.text.pooling = 'mean'
+  with pytest.raises(ValueError, match="CLIP's towers only"):
+    rbv.model_config(config.model, 'float32')
+
+
+def test_big_vision_dir_must_be_a_checkout(tmp_path):
+  from hvla.tools import reference_big_vision as rbv
+  with pytest.raises(FileNotFoundError, match='not a big_vision checkout.*two_towers.py'):
+    rbv.import_big_vision(str(tmp_path))
+
+
+@needs_big_vision
+def test_big_vision_optimizer_is_hvla_adamw():
+  """big_vision's optimizer, as configured by `optimizer_config`, updates as optax's
+  AdamW with hvla's hyperparameters, clipping, cosine schedule and kernel-only decay."""
+  import optax
+  from hvla.tools import reference_big_vision as rbv
+  _, bv_optax, _ = rbv.import_big_vision(BIG_VISION_DIR)
+  rng = np.random.default_rng(0)
+  params = {'dense': {'kernel': rng.normal(size=(4, 3)), 'bias': rng.normal(size=3)},
+            't': rng.normal(size=1)}
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+  opt, total = clip_vitb16.get_config().optimizer, 20
+  tx, _ = bv_optax.make(rbv.optimizer_config(opt, warmup_steps=2), params,
+                        sched_kw=dict(total_steps=total, batch_size=8))
+  def lr(count):  # linear warm-up over 2 steps, then cosine to 0 at `total`
+    progress = np.clip((count - 2) / (total - 2), 0, 1)
+    return opt.lr * np.minimum(1, count / 2) * 0.5 * (1 + np.cos(np.pi * progress))
+  decay = {'dense': {'kernel': True, 'bias': False}, 't': False}
+  adamw = optax.chain(optax.clip_by_global_norm(opt.clip_norm),
+                      optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                                  weight_decay=opt.weight_decay, mask=decay))
+  theirs, ours = (params, tx.init(params)), (params, adamw.init(params))
+  for _ in range(4):
+    grads = jax.tree.map(lambda x: 3 * rng.normal(size=x.shape).astype(np.float32), params)
+    (p1, s1), (p2, s2) = theirs, ours
+    u1, s1 = tx.update(grads, s1, p1)
+    u2, s2 = adamw.update(grads, s2, p2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9), u1, u2)
+    theirs, ours = (optax.apply_updates(p1, u1), s1), (optax.apply_updates(p2, u2), s2)
+
+
+@needs_big_vision
+def test_big_vision_reference_trains_near_equal_towers():
+  from hvla.tools import benchmark_reference as br
+  from hvla.tools import reference_big_vision as rbv
+  config = clip_vitb16.get_config('runlocal')
+  config.model.embed_dim = 64  # so that the towers' parameter counts differ
+  (configured, theirs), = br.compare(config, batch=4, dtypes=['float32'], steps=2,
+                                     warmup=1, reference='big_vision',
+                                     big_vision_dir=BIG_VISION_DIR)
+  assert configured['parameters'] - theirs['parameters'] == (
+      rbv.parameter_difference(config.model)) == 128
+  assert theirs['flops_per_step'] == pytest.approx(configured['flops_per_step'], rel=0.05)
+  assert len(theirs['step_seconds_all']) == 2
+  assert '| float32 | big_vision two_towers |' in br.format_table([(configured, theirs)])

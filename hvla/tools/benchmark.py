@@ -15,6 +15,7 @@ their ratios hold on a loaded machine) and a table compares them.
 """
 import ast
 import json
+import math
 import os
 import resource
 import statistics
@@ -118,8 +119,31 @@ def model_flops(config, global_spec, devices=None):
   config.model.scan, config.model.remat, config.accum_steps = False, "none", 1
   setup = train.Setup(config, devices=devices)
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-    lowered = jax.jit(setup.train_step_fn()).lower(setup.abstract_state(), global_spec)
+    return lowered_flops(setup.train_step_fn(), setup.abstract_state(), global_spec)
+
+
+def lowered_flops(fn, *args):
+  """XLA's FLOP count of `fn(*args)` lowered (not compiled, not run): the same measure
+  for hvla's step and for other trainers' steps. `args` may be abstract."""
+  import jax  # pylint: disable=g-import-not-at-top
+  lowered = jax.jit(fn).lower(*args)
   return float((lowered.cost_analysis() or {}).get("flops", 0.0))
+
+
+def parameter_count(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def check_clip_towers(model_config):
+  """Raises unless `config.model` has CLIP's towers, the only ones the reference
+  trainers (`benchmark_reference`) can build: a class-token ViT and an EOT-pooled
+  text transformer."""
+  image, text = model_config.image, model_config.text
+  if image.name != "vit" or text.name != "transformer" or image.pool != "cls" or (
+      text.pooling != "eot"):
+    raise ValueError("The reference covers CLIP's towers only: model.image.name='vit' "
+                     "with pool='cls', model.text.name='transformer' with pooling='eot'.")
 
 
 def matmul_peak_tflops(dtype="float32", n=4096, repeats=5):
