@@ -133,6 +133,23 @@ def test_model_flops_count_the_whole_batch_and_every_block(results):
   assert benchmark.model_flops(config, spec) == pytest.approx(run['flops_per_step'], rel=1e-3)
 
 
+def test_largest_batch_is_the_last_that_fits_in_memory():
+  """On 8 devices batches step by 8: with a budget between the compiled peaks of batches
+  40 and 48, the search (from the config's 16: doubling, then bisection) returns 40."""
+  config = tiny_config(data=8, fsdp=1, model=1)
+  def peak(batch):
+    case = benchmark.Case('probe', benchmark.apply_overrides(config, [f'batch_size={batch}']),
+                          aot=True)
+    return case.results['memory_per_device']['peak']
+  p40, p48 = peak(40), peak(48)
+  assert p40 < p48
+  batch, peaks = benchmark.largest_batch(config, (p40 + p48) / 2)
+  assert batch == 40 and sorted(peaks) == [16, 32, 40, 48, 64]
+  assert peaks[40] == p40 and peaks[48] == p48
+  nothing, tried = benchmark.largest_batch(config, memory_bytes=1)
+  assert nothing == 0 and sorted(tried) == [8, 16]
+
+
 def test_apply_overrides_sets_nested_keys_on_a_copy():
   config = tiny_config()
   changed = benchmark.apply_overrides(

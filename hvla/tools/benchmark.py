@@ -2,6 +2,7 @@ r"""Measures the train step of a config on synthetic batches of the config's lay
 
   python -m hvla.tools.benchmark --config=configs/clip_vitb16.py --batch=8
   python -m hvla.tools.benchmark --config=configs/clip_vitb16.py --batch=4096 --aot
+  python -m hvla.tools.benchmark --config=configs/clip_vitb16.py --largest_batch --measure_peak
   python -m hvla.tools.benchmark --config=configs/clip_vitb16.py --batch=8 --measure_peak \
       --variant='remat:model.remat=full' --variant='scan:model.scan=True'
 
@@ -9,7 +10,9 @@ Prints compile time, median step time over --steps timed steps (after --warmup),
 the model's FLOPs per step (see `model_flops`), achieved TFLOP/s, MFU (when the device's
 peak is known or given with --peak_tflops) and peak memory. With --aot it only compiles for
 the configured mesh and batch and reports the per-device memory of the compiled executable,
-so an out-of-memory configuration shows before any hardware is booked. Each --variant is
+so an out-of-memory configuration shows before any hardware is booked. --largest_batch
+first finds the largest batch that fits in the device's memory (or --memory_gib) by
+compiling, and then measures that batch. Each --variant is
 the config with some keys changed; all are compiled, their timed steps alternate (so
 their ratios hold on a loaded machine) and a table compares them.
 """
@@ -48,6 +51,11 @@ def define_flags():
   flags.DEFINE_multi_string(
       "variant", [], "name:key=value[;key=value...]: the config with these changes, "
       "measured beside it (repeatable); their steps alternate with the config's.")
+  flags.DEFINE_bool("largest_batch", False, "First search the largest global batch whose "
+                    "compiled step fits in --memory_gib per device (see `largest_batch`), "
+                    "then measure the config at that batch.")
+  flags.DEFINE_float("memory_gib", None, "Per-device memory for --largest_batch (default: "
+                     "the device's own limit, which a CPU does not report).")
   flags.DEFINE_string("json", None, "Also write the results to this file.")
   flags.mark_flags_as_required(["config"])
 
@@ -263,6 +271,54 @@ def add_speed(results, seconds, peak_tflops=None):
   return results
 
 
+def largest_batch(config, memory_bytes, *, devices=None):
+  """The largest global batch whose compiled train step needs at most `memory_bytes` per
+  device by XLA's analysis (compiled only, nothing runs), and {batch: peak bytes} of
+  every batch tried.
+
+  Batches are multiples of the mesh's batch-parallel size (data x fsdp) times
+  `accum_steps`. From the config's batch the search doubles (or halves) to bracket the
+  limit, then bisects it to within 1/32 of the answer: about a dozen compilations.
+  Returns 0 when not even one batch per device fits.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from hvla import config as config_lib  # pylint: disable=g-import-not-at-top
+  devices = jax.devices() if devices is None else devices
+  sizes = config_lib.mesh_shape(config.mesh, len(devices))
+  unit = sizes["data"] * sizes["fsdp"] * config.accum_steps
+  peaks = {}
+
+  def fits(k):
+    batch = k * unit
+    if batch not in peaks:
+      case = Case(f"batch {batch}", apply_overrides(config, [f"batch_size={batch}"]),
+                  aot=True, devices=devices)
+      peaks[batch] = case.results["memory_per_device"]["peak"]
+    return peaks[batch] <= memory_bytes
+
+  k = max(1, config.batch_size // unit)
+  if fits(k):
+    low, high = k, 2 * k
+    while fits(high):
+      low, high = high, 2 * high
+  else:
+    low, high = k // 2, k
+    while low and not fits(low):
+      low, high = low // 2, low
+    if not low:
+      return 0, peaks
+  while high - low > max(1, low // 32):  # `low` fits, `high` does not
+    middle = (low + high) // 2
+    low, high = (middle, high) if fits(middle) else (low, middle)
+  return low * unit, peaks
+
+
+def device_memory_bytes():
+  """The first device's memory limit, or None where the backend reports none (CPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+
+
 def measure_variants(config, variants, *, steps, warmup, aot, peak_tflops=None):
   """Results of `config` changed by each of `variants` [(name, overrides)], compiled
   one by one and timed interleaved (see `time_interleaved`)."""
@@ -343,6 +399,17 @@ def main(argv):
   config = FLAGS.config
   if FLAGS.batch:
     config.batch_size = FLAGS.batch
+  if FLAGS.largest_batch:
+    memory = FLAGS.memory_gib * 2**30 if FLAGS.memory_gib else device_memory_bytes()
+    if not memory:
+      raise app.UsageError("--largest_batch: this device reports no memory limit; give "
+                           "--memory_gib.")
+    config.batch_size, peaks = largest_batch(config, memory)
+    print(f"largest batch    {config.batch_size} within {memory / 2**30:.2f} GiB per "
+          "device; tried (XLA peak per device): " + ", ".join(
+              f"{b}: {p / 2**30:.2f} GiB" for b, p in sorted(peaks.items())))
+    if not config.batch_size:
+      return
   peak = FLAGS.peak_tflops
   variants = [("config", [])] + [parse_variant(v) for v in FLAGS.variant]
   if FLAGS.measure_peak:
