@@ -255,7 +255,7 @@ needs_big_vision = pytest.mark.skipif(
 def test_big_vision_towers_have_hvla_sizes():
   from hvla.tools import reference_big_vision as rbv
   config = clip_vitb16.get_config()
-  args = rbv.model_config(config.model, 'bfloat16')
+  args = rbv.two_towers_args(config.model, 'bfloat16')
   assert args['image'] == dict(width=768, depth=12, num_heads=12, mlp_dim=3072,
                                patch_size=(16, 16), pool_type='tok', head_zeroinit=False,
                                dtype_mm='bfloat16')
@@ -272,7 +272,7 @@ def test_big_vision_towers_have_hvla_sizes():
     rbv.optimizer_config(config.optimizer, warmup_steps=5)
   config.model.text.pooling = 'mean'
   with pytest.raises(ValueError, match="CLIP's towers only"):
-    rbv.model_config(config.model, 'float32')
+    rbv.two_towers_args(config.model, 'float32')
 
 
 def test_big_vision_dir_must_be_a_checkout(tmp_path):

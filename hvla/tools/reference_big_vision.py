@@ -48,7 +48,7 @@ def import_big_vision(directory=None):
                       "--big_vision_dir and install its requirements.") from e
 
 
-def model_config(model_config, dtype):
+def two_towers_args(model_config, dtype):
   """big_vision two_towers.Model arguments for the towers of hvla's CLIP `config.model`,
   as big_vision's CLIP configs set them (class-token ViT, last-token text pooling)."""
   benchmark.check_clip_towers(model_config)
@@ -90,7 +90,7 @@ class BigVisionCase:
   def __init__(self, hvla_config, batch, *, dtype, big_vision_dir=None, total_steps=10**6):
     two_towers, bv_optax, bv_utils = import_big_vision(big_vision_dir)
     self.name = f"big_vision two_towers, {dtype}"
-    model = two_towers.Model(**model_config(hvla_config.model, dtype))
+    model = two_towers.Model(**two_towers_args(hvla_config.model, dtype))
     images = jnp.asarray(batch["images"]["image"], jnp.float32)
     tokens = jnp.asarray(batch["tokens"]["caption"], jnp.int32)
     params = jax.jit(model.init)(jax.random.key(0), images[:1], tokens[:1])["params"]
@@ -104,7 +104,8 @@ class BigVisionCase:
       logging.set_verbosity(verbosity)
     self.state = (params, jax.jit(tx.init)(params))
     self.batch = {"image": images, "labels": tokens}
-    step = functools.partial(self.train_step, model, tx, bv_utils.bidirectional_contrastive_loss)
+    step = functools.partial(self.train_step, model, tx,
+                             bv_utils.bidirectional_contrastive_loss)
     self.flops_per_step = benchmark.lowered_flops(step, self.state, self.batch)
     self._step = jax.jit(step, donate_argnums=0)
 
