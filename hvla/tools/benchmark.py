@@ -139,6 +139,7 @@ def lowered_flops(fn, *args):
 
 
 def parameter_count(tree):
+  """The number of scalars in a tree of arrays (or of their shapes)."""
   import jax  # pylint: disable=g-import-not-at-top
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
@@ -201,9 +202,10 @@ def parse_variant(text):
 
 
 class Case:
-  """One configuration's compiled train step, its state and batch, and its results."""
+  """One configuration's compiled train step, its state and batch, and its results
+  (`flops=False` skips counting the model's FLOPs, one more lowering of the step)."""
 
-  def __init__(self, name, config, aot, devices=None):
+  def __init__(self, name, config, aot, devices=None, flops=True):
     import jax  # pylint: disable=g-import-not-at-top
     from hvla import sharding  # pylint: disable=g-import-not-at-top
     from hvla import train  # pylint: disable=g-import-not-at-top
@@ -221,7 +223,7 @@ class Case:
         "dtype": config.model.dtype,
         "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
         "compile_seconds": time.perf_counter() - start,
-        "flops_per_step": model_flops(config, global_spec, devices),
+        "flops_per_step": model_flops(config, global_spec, devices) if flops else None,
         "xla_flops_per_device": train.compiled_flops(self.compiled),
         "memory_per_device": memory_report(self.compiled),
     }
@@ -292,7 +294,7 @@ def largest_batch(config, memory_bytes, *, devices=None):
     batch = k * unit
     if batch not in peaks:
       case = Case(f"batch {batch}", apply_overrides(config, [f"batch_size={batch}"]),
-                  aot=True, devices=devices)
+                  aot=True, devices=devices, flops=False)
       peaks[batch] = case.results["memory_per_device"]["peak"]
     return peaks[batch] <= memory_bytes
 

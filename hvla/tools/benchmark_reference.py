@@ -80,9 +80,9 @@ def compare(config, *, batch, dtypes, steps, warmup, reference="transformers",
           benchmark.apply_overrides(hvla_config, ["optimizer.clip_norm=0.0"]), aot=False,
           devices=one_device))
     times = benchmark.time_interleaved(ours + [theirs], steps=steps, warmup=warmup)
-    row = [benchmark.add_speed(case.results, times[case.name]) for case in ours]
-    for r in row:
-      r["parameters"] = benchmark.parameter_count(configured.state["params"])
+    parameters = benchmark.parameter_count(configured.state["params"])
+    row = [benchmark.add_speed(dict(case.results, parameters=parameters), times[case.name])
+           for case in ours]
     row.append(benchmark.add_speed(
         {"name": theirs.name, "batch": batch, "parameters": theirs.parameters,
          "device_kind": configured.results["device_kind"],
