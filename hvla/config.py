@@ -4,7 +4,6 @@ Config files start from `base_config()`, so every key exists and an override of 
 that does not (`--config.optimiser.lr=...`) fails in ml_collections with its name.
 `validate` then rejects what a config file itself got wrong, before anything compiles.
 """
-import math
 import re
 
 import ml_collections
@@ -145,18 +144,3 @@ def validate(config):
     _require(ev.get("every_steps", 1) > 0, f"evals.{name}.every_steps", "must be positive.")
   return config
 
-
-def mesh_shape(mesh_config, device_count):
-  """Resolves the mesh axes (-1 = the rest of the devices) for `device_count` devices."""
-  sizes = {a: mesh_config[a] for a in ("data", "fsdp", "model")}
-  known = math.prod(s for s in sizes.values() if s != -1)
-  for axis, size in sizes.items():
-    if size == -1:
-      if device_count % known:
-        raise ValueError(
-            f"config.mesh: {device_count} devices are not divisible by the fixed axes {sizes}.")
-      sizes[axis] = device_count // known
-  if math.prod(sizes.values()) != device_count:
-    raise ValueError(f"config.mesh: {sizes} needs {math.prod(sizes.values())} devices, "
-                     f"{device_count} are present.")
-  return sizes

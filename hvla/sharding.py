@@ -4,21 +4,37 @@ Parameters and activations carry logical axis names (see docs/design.md); the ru
 `config.sharding.rules` map them onto the mesh axes ('data', 'fsdp', 'model'). The same
 code runs on one CPU, eight fake CPU devices, several processes and a pod.
 """
+import math
+
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from hvla import config as config_lib
-
 AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_config, device_count):
+  """Resolves the mesh axes (-1 = the rest of the devices) for `device_count` devices."""
+  sizes = {a: mesh_config[a] for a in AXES}
+  known = math.prod(s for s in sizes.values() if s != -1)
+  for axis, size in sizes.items():
+    if size == -1:
+      if device_count % known:
+        raise ValueError(
+            f"config.mesh: {device_count} devices are not divisible by the fixed axes {sizes}.")
+      sizes[axis] = device_count // known
+  if math.prod(sizes.values()) != device_count:
+    raise ValueError(f"config.mesh: {sizes} needs {math.prod(sizes.values())} devices, "
+                     f"{device_count} are present.")
+  return sizes
 
 
 def make_mesh(mesh_config, devices=None):
   """A mesh over `devices` (default: all) shaped by `config.mesh`."""
   devices = jax.devices() if devices is None else devices
-  sizes = config_lib.mesh_shape(mesh_config, len(devices))
+  sizes = mesh_shape(mesh_config, len(devices))
   return jax.make_mesh(
       tuple(sizes[a] for a in AXES), AXES,
       axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)

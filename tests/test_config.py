@@ -54,15 +54,6 @@ def test_validate_names_the_key(mutate, key):
     config_lib.validate(config)
 
 
-def test_mesh_shape():
-  assert config_lib.mesh_shape({"data": -1, "fsdp": 2, "model": 1}, 8) == {
-      "data": 4, "fsdp": 2, "model": 1}
-  with pytest.raises(ValueError, match="not divisible"):
-    config_lib.mesh_shape({"data": -1, "fsdp": 3, "model": 1}, 8)
-  with pytest.raises(ValueError, match="needs 4 devices"):
-    config_lib.mesh_shape({"data": 2, "fsdp": 2, "model": 1}, 8)
-
-
 def test_wrong_override_on_command_line_fails_with_its_name(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "hvla.main", "--config=configs/clip_vitb16.py:runlocal",

@@ -284,9 +284,9 @@ def largest_batch(config, memory_bytes, *, devices=None):
   Returns 0 when not even one batch per device fits.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from hvla import config as config_lib  # pylint: disable=g-import-not-at-top
+  from hvla import sharding  # pylint: disable=g-import-not-at-top
   devices = jax.devices() if devices is None else devices
-  sizes = config_lib.mesh_shape(config.mesh, len(devices))
+  sizes = sharding.mesh_shape(config.mesh, len(devices))
   unit = sizes["data"] * sizes["fsdp"] * config.accum_steps
   peaks = {}
 
