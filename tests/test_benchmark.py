@@ -9,6 +9,7 @@ import tiny
 
 from configs import clip_vitb16
 from hvla import train
+from hvla.data import synthetic
 from hvla.tools import benchmark
 from hvla.tools import benchmark_contrastive as bc
 
@@ -126,7 +127,7 @@ def test_model_flops_count_the_whole_batch_and_every_block(results):
   config = tiny_config(data=8, fsdp=1, model=1)
   config.model.scan = True
   setup = train.Setup(config)
-  spec = train.global_batch_spec(benchmark.batch_spec(config.data, config.batch_size))
+  spec = train.global_batch_spec(synthetic.batch_spec(config.data, config.batch_size))
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
     scanned = jax.jit(setup.train_step_fn()).lower(setup.abstract_state(), spec)
   assert scanned.cost_analysis()['flops'] < run['flops_per_step'] * 0.8

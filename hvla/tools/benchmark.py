@@ -65,41 +65,6 @@ PEAK_TFLOPS = {"NVIDIA H200": 989.0, "NVIDIA H100 80GB HBM3": 989.0, "NVIDIA A10
                "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0}
 
 
-def synthetic_batch(spec, vocab_size, seed=0):
-  """Random host arrays for a batch spec: tokens in the vocabulary, EOS-terminated."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-
-  def make(path, s):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
-    if name.startswith("tokens/"):
-      tokens = rng.integers(4, vocab_size, s.shape).astype(s.dtype)
-      tokens[..., -1] = 3
-      return tokens
-    if s.dtype == np.bool_:
-      return np.ones(s.shape, bool)
-    if np.issubdtype(s.dtype, np.integer):
-      return np.zeros(s.shape, s.dtype)
-    if name.startswith("rois/boxes") or name.startswith("phrases/boxes"):
-      return np.tile(np.array([0.1, 0.1, 0.6, 0.6], s.dtype), s.shape[:-1] + (1,))
-    return rng.standard_normal(s.shape).astype(s.dtype)
-
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.tree_util.tree_map_with_path(make, spec)
-
-
-def batch_spec(data_config, batch_size):
-  """Shapes and dtypes of a host batch of `data_config`'s layout, without any data."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from hvla.data import config as data_config_lib  # pylint: disable=g-import-not-at-top
-  from hvla.data import examples  # pylint: disable=g-import-not-at-top
-  views = data_config_lib.validate_data_config(data_config)
-  return jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct((batch_size,) + s[0], s[1]),
-      examples.layout(data_config, views, features={}),
-      is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple))
-
-
 def memory_report(compiled):
   """Per-device bytes of the compiled executable (arguments, outputs, temporaries)."""
   analysis = compiled.memory_analysis()
@@ -209,11 +174,12 @@ class Case:
     import jax  # pylint: disable=g-import-not-at-top
     from hvla import sharding  # pylint: disable=g-import-not-at-top
     from hvla import train  # pylint: disable=g-import-not-at-top
+    from hvla.data import synthetic  # pylint: disable=g-import-not-at-top
     config.total_steps, config.total_epochs, config.total_examples = 10**6, None, None
     config.schedule.warmup_steps = 1
     config.schedule.warmup_epochs = config.schedule.warmup_examples = None
     setup = train.Setup(config, devices=devices)
-    local_spec = batch_spec(config.data, sharding.local_batch_size(config.batch_size))
+    local_spec = synthetic.batch_spec(config.data, sharding.local_batch_size(config.batch_size))
     global_spec = train.global_batch_spec(local_spec)
     start = time.perf_counter()
     self.compiled = setup.compile_train_step(global_spec)
@@ -230,7 +196,7 @@ class Case:
     if not aot:
       self.state = setup.init_state()
       self.batch = sharding.make_global_batch(
-          synthetic_batch(local_spec, config.model.text.vocab_size), setup.mesh)
+          synthetic.batch(local_spec, config.model.text.vocab_size), setup.mesh)
 
   def step(self):
     self.state, metrics = self.compiled(self.state, self.batch)

@@ -23,6 +23,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from hvla.data import synthetic
 from hvla.tools import benchmark
 from hvla.tools import reference_big_vision
 from hvla.tools import reference_transformers
@@ -68,8 +69,8 @@ def compare(config, *, batch, dtypes, steps, warmup, reference="transformers",
     configured = benchmark.Case(
         f"hvla (clip_norm={hvla_config.optimizer.clip_norm}), {dtype}", hvla_config,
         aot=False, devices=one_device)
-    host_batch = benchmark.synthetic_batch(
-        benchmark.batch_spec(hvla_config.data, batch), hvla_config.model.text.vocab_size)
+    host_batch = synthetic.batch(
+        synthetic.batch_spec(hvla_config.data, batch), hvla_config.model.text.vocab_size)
     theirs = make_reference(reference, hvla_config,
                             jax.device_get(configured.state["params"]), host_batch,
                             dtype, big_vision_dir)
