@@ -24,7 +24,8 @@ setuptools.setup(
         "pillow>=10",
     ],
     extras_require={
-        # transformers' Flax CLIP, the speed reference of hvla.tools.benchmark_reference.
+        # transformers' Flax CLIP, the speed reference of benchmarks.reference (run from the
+        # repository root: benchmarks/ is not installed).
         "reference": ["transformers>=4.50,<5"],
         "test": ["pytest>=8", "pytest-xdist>=3", "transformers>=4.50,<5"],
     },

@@ -199,7 +199,7 @@ def test_matmul_peak_is_measured():
 # The reference comparison: transformers' Flax CLIP on the same towers.
 # ----------------------------------------------------------------------------------------
 def test_reference_runs_the_same_towers():
-  from hvla.tools import benchmark_reference as br
+  from benchmarks import reference as br
   config = clip_vitb16.get_config('runlocal')
   (configured, unclipped, theirs), = br.compare(config, batch=4, dtypes=['float32'],
                                                 steps=2, warmup=1)
@@ -223,7 +223,7 @@ def test_transformers_clip_computes_hvla_clip_from_converted_parameters():
   """An independent implementation of the same towers: FlaxCLIPModel given hvla's
   parameters gives hvla's embeddings and logits."""
   from hvla import models
-  from hvla.tools import reference_transformers as rt
+  from benchmarks import reference_transformers as rt
   from transformers import FlaxCLIPModel
   config = clip_vitb16.get_config('runlocal').model
   config.text.vocab_size = 64
@@ -254,7 +254,7 @@ needs_big_vision = pytest.mark.skipif(
 
 
 def test_big_vision_towers_have_hvla_sizes():
-  from hvla.tools import reference_big_vision as rbv
+  from benchmarks import reference_big_vision as rbv
   config = clip_vitb16.get_config()
   args = rbv.two_towers_args(config.model, 'bfloat16')
   assert args['image'] == dict(width=768, depth=12, num_heads=12, mlp_dim=3072,
@@ -277,7 +277,7 @@ def test_big_vision_towers_have_hvla_sizes():
 
 
 def test_big_vision_dir_must_be_a_checkout(tmp_path):
-  from hvla.tools import reference_big_vision as rbv
+  from benchmarks import reference_big_vision as rbv
   with pytest.raises(FileNotFoundError, match='not a big_vision checkout.*two_towers.py'):
     rbv.import_big_vision(str(tmp_path))
 
@@ -287,7 +287,7 @@ def test_big_vision_optimizer_is_hvla_adamw():
   """big_vision's optimizer, as configured by `optimizer_config`, updates as optax's
   AdamW with hvla's hyperparameters, clipping, cosine schedule and kernel-only decay."""
   import optax
-  from hvla.tools import reference_big_vision as rbv
+  from benchmarks import reference_big_vision as rbv
   _, bv_optax, _ = rbv.import_big_vision(BIG_VISION_DIR)
   rng = np.random.default_rng(0)
   params = {'dense': {'kernel': rng.normal(size=(4, 3)), 'bias': rng.normal(size=3)},
@@ -315,8 +315,8 @@ def test_big_vision_optimizer_is_hvla_adamw():
 
 @needs_big_vision
 def test_big_vision_reference_trains_near_equal_towers():
-  from hvla.tools import benchmark_reference as br
-  from hvla.tools import reference_big_vision as rbv
+  from benchmarks import reference as br
+  from benchmarks import reference_big_vision as rbv
   config = clip_vitb16.get_config('runlocal')
   config.model.embed_dim = 64  # so that the towers' parameter counts differ
   (configured, theirs), = br.compare(config, batch=4, dtypes=['float32'], steps=2,

@@ -109,17 +109,6 @@ def parameter_count(tree):
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
-def check_clip_towers(model_config):
-  """Raises unless `config.model` has CLIP's towers, the only ones the reference
-  trainers (`benchmark_reference`) can build: a class-token ViT and an EOT-pooled
-  text transformer."""
-  image, text = model_config.image, model_config.text
-  if image.name != "vit" or text.name != "transformer" or image.pool != "cls" or (
-      text.pooling != "eot"):
-    raise ValueError("The reference covers CLIP's towers only: model.image.name='vit' "
-                     "with pool='cls', model.text.name='transformer' with pooling='eot'.")
-
-
 def matmul_peak_tflops(dtype="float32", n=4096, repeats=5):
   """TFLOP/s of an [n, n] x [n, n] matmul in `dtype` on the first device (median of
   `repeats`): the peak for MFU on a device without a published one, such as a CPU."""

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from benchmarks import towers
 from hvla.models import layers
 from hvla.tools import benchmark
 
@@ -21,7 +22,7 @@ def hf_clip_config(model_config):
   """A transformers CLIPConfig with the towers of hvla's `config.model` (ViT + text
   transformer with CLIP's pooling: class token for images, EOT for text)."""
   from transformers import CLIPConfig  # pylint: disable=g-import-not-at-top
-  benchmark.check_clip_towers(model_config)
+  towers.check_clip_towers(model_config)
   image, text = model_config.image, model_config.text
   same = dict(hidden_act="gelu", layer_norm_eps=layers.LN_EPSILON)  # hvla's exact GELU
   return CLIPConfig(

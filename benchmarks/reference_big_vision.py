@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from benchmarks import towers
 from hvla.tools import benchmark
 
 _TWO_TOWERS = "big_vision/models/proj/image_text/two_towers.py"
@@ -51,7 +52,7 @@ def import_big_vision(directory=None):
 def two_towers_args(model_config, dtype):
   """big_vision two_towers.Model arguments for the towers of hvla's CLIP `config.model`,
   as big_vision's CLIP configs set them (class-token ViT, last-token text pooling)."""
-  benchmark.check_clip_towers(model_config)
+  towers.check_clip_towers(model_config)
   image, text = model_config.image, model_config.text
   return dict(
       image_model="vit", text_model="proj.image_text.text_transformer",

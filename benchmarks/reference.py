@@ -1,9 +1,11 @@
 r"""hvla's CLIP train step against public JAX CLIP trainers on the same towers and batch.
 
+From the repository root (benchmarks/ is not installed):
+
   pip install -e ".[reference]"
-  python -m hvla.tools.benchmark_reference --config=configs/clip_vitb16.py --batch=8 \
+  python -m benchmarks.reference --config=configs/clip_vitb16.py --batch=8 \
       --dtypes=bfloat16,float32
-  python -m hvla.tools.benchmark_reference --reference=big_vision \
+  python -m benchmarks.reference --reference=big_vision \
       --big_vision_dir=PATH/TO/big_vision --config=configs/clip_vitb16.py --batch=8
 
 Two references, each trained the way its own training code does (its loss, its
@@ -23,10 +25,11 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from benchmarks import reference_big_vision
+from benchmarks import reference_transformers
+from benchmarks import towers
 from hvla.data import synthetic
 from hvla.tools import benchmark
-from hvla.tools import reference_big_vision
-from hvla.tools import reference_transformers
 
 FLAGS = flags.FLAGS
 REFERENCES = ("transformers", "big_vision")
@@ -59,7 +62,7 @@ def compare(config, *, batch, dtypes, steps, warmup, reference="transformers",
   """Per dtype, the results of [hvla's step as configured, (hvla's step without
   gradient clipping, where the reference does not clip), the reference's step], on the
   same tower sizes, batch and device."""
-  benchmark.check_clip_towers(config.model)
+  towers.check_clip_towers(config.model)
   rows = []
   for dtype in dtypes:
     hvla_config = benchmark.apply_overrides(
