@@ -659,3 +659,14 @@ def test_every_param_has_logical_axes_and_sharded_apply_matches(scan):
   assert qkv["kernel"].value.sharding.spec[-2] == "model"
   expected = run(model, nn.unbox(variables), images, tokens)
   assert_trees_close(sharded, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vit_roi_embedding_is_the_official_proj_pre():
+  """Official VisionTransformer.proj_pre: a bias-free [F + 4, W] matrix, normal with std
+  W**-0.5 at init."""
+  config = tiny_config(**{"image.width": 64, "pyramid.roi.source": "features",
+                          "pyramid.roi.feature_dim": 252})
+  _, variables = build(config)
+  linear = variables["params"]["img"]["roi_embedding"]
+  assert sorted(linear) == ["kernel"] and linear["kernel"].shape == (256, 64)
+  np.testing.assert_allclose(np.std(linear["kernel"]), 64**-0.5, rtol=0.05)

@@ -234,7 +234,9 @@ def np_leff(p, x, grid):
   return np_quick_gelu(np_group_norm(y, groups, p['norm3']['scale'], p['norm3']['bias']))
 
 
-def test_leff_matches_numpy_and_the_class_token_bypasses_it():
+def test_leff_block_matches_numpy_and_adds_the_normalised_class_token():
+  """The official block adds LEFF(ln_2(x)) to x, and its LEFF returns the class token of
+  ln_2(x) unchanged: the class token gains its own normalised value, the patches the LeFF."""
   grid, width = (3, 4), 32
   block = layers.Block(mlp_dim=64, heads=2, readout='cls', leff_grid=grid)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 13, width)), jnp.float32)
@@ -245,18 +247,18 @@ def test_leff_matches_numpy_and_the_class_token_bypasses_it():
   np_params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
 
   @jax.jit
-  def attended(p, x):  # The block up to its feed-forward, from its own parameters.
+  def attended(p, x):  # The block up to its second norm, from its own parameters.
     norm = nn.LayerNorm(epsilon=layers.LN_EPSILON)
-    h = x + layers.Attention(heads=2).apply(
+    return x + layers.Attention(heads=2).apply(
         {'params': p['attn']}, norm.apply({'params': p['norm1']}, x))
-    return h, norm.apply({'params': p['norm2']}, h)
 
-  h, z = attended(params, x)
-  z = np.asarray(z, np.float64)
-  want = np.asarray(h, np.float64).copy()
-  want[:, 1:] += np_leff(np_params['leff'], z[:, 1:], grid)
+  h = np.asarray(attended(params, x), np.float64)
+  norm2 = np_params['norm2']
+  z = ((h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + layers.LN_EPSILON)
+       * norm2['scale'] + norm2['bias'])
+  want = h + np.concatenate([z[:, :1], np_leff(np_params['leff'], z[:, 1:], grid)], axis=1)
   np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(out[:, 0], h[:, 0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out[:, 0], h[:, 0] + z[:, 0], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(readout, out[:, 0], rtol=1e-6)
 
 
@@ -326,7 +328,8 @@ def test_roi_path_is_the_f2_blocks_on_class_token_and_embedded_regions():
   got = apply(model, params, regions, boxes, np.ones((2, 4), bool), method='image_rois')
   p = params['img']
   linear = p['roi_embedding']
-  x = np.concatenate([regions, boxes], -1) @ linear['kernel'] + linear['bias']
+  assert sorted(linear) == ['kernel']  # bias-free, as the official proj_pre
+  x = np.concatenate([regions, boxes], -1) @ linear['kernel']
   x = np.concatenate([np.broadcast_to(p['cls'], (2, 1, 32)), x], 1)
 
   def f2_path(m, x):

@@ -34,9 +34,10 @@ def images(size=IMAGE, batch=2, seed=0):
                      jnp.float32)
 
 
-def random_params(model, *inputs):
+def random_params(model, *inputs, method=None):
   """Random float32 parameters of `model`'s shapes (no init compile); norm scales near 1."""
-  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *inputs))["params"]
+  init = functools.partial(model.init, method=method)
+  shapes = nn.unbox(jax.eval_shape(init, jax.random.key(0), *inputs))["params"]
   rng = np.random.default_rng(0)
   return jax.tree.map_with_path(
       lambda path, x: (float(path[-1].key == "scale")
@@ -46,6 +47,30 @@ def random_params(model, *inputs):
 @functools.cache
 def tiny_params():
   return random_params(tiny_tower(), images())
+
+
+ROI_FEATURES = 6  # stored region features; each region's input adds its 4 box numbers
+
+
+def roi_tower():
+  return resnet.ResNet.from_config(
+      tiny_config(), pyramid=dict(roi="features", roi_feature_dim=ROI_FEATURES), **SHARED)
+
+
+def with_rois(m, x, regions, mask):
+  return m(x), m.rois(regions, mask)
+
+
+def roi_inputs(batch=2, regions=4, seed=2):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.normal(size=(batch, regions, ROI_FEATURES + vit.BOX_DIM)),
+                      jnp.float32), jnp.ones((batch, regions), bool))
+
+
+@functools.cache
+def roi_params():
+  """The tower's parameters with those of its ROI path."""
+  return random_params(roi_tower(), images(), *roi_inputs(), method=with_rois)
 
 
 def num_params(tree):
@@ -84,8 +109,9 @@ def np_attention_pool(p, x, native_grid, grid):
   """x [B, P, C] -> outputs [B, 1 + P, output_dim], the mean query first."""
   x = np.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)
   pos = np.asarray(p["pos_embedding"], np.float64)
-  if grid is None:
-    x[:, 0] += pos[0]
+  if grid is None:  # a set: no positions, a LayerNorm instead (PyramidCLIP's ROI path)
+    x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    x = x * p["set_norm"]["scale"] + p["set_norm"]["bias"]
   else:
     spatial = np.asarray(vit.resize_pos_embedding(
         jnp.asarray(pos[1:], jnp.float32), native_grid, grid), np.float64)
@@ -239,8 +265,8 @@ def test_attention_implementation_reaches_the_attention_pool(monkeypatch):
 
 
 def test_attnpool_of_a_set_matches_reference_and_ignores_order():
-  model = tiny_tower()
-  params = tiny_params()
+  model = roi_tower()
+  params = roi_params()
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 256)), jnp.float32)
   perm = np.array([3, 0, 4, 1, 2])
 
@@ -344,3 +370,44 @@ def test_tokens_share_the_image_projection_in_the_dual_encoder():
       params, images(96))
   assert out["embedding"].shape == (2, 6) and out["token_embeddings"].shape == (2, 9, 6)
   np.testing.assert_allclose(np.linalg.norm(out["token_embeddings"], axis=-1), 1, rtol=1e-5)
+
+
+def test_roi_path_matches_a_hand_computation():
+  """Official AttentionPool2d with isROI: a bias-free linear map, the mean region
+  prepended, a LayerNorm, attention without positions; padded regions are left out."""
+  model, params = roi_tower(), roi_params()
+  regions, _ = roi_inputs()
+  mask = np.array([[True, True, True, True], [True, False, True, False]])
+  got = jax.jit(lambda p, r, m: model.apply({"params": p}, r, m, method="rois"))(
+      params, regions, mask)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  assert sorted(p["roi_embedding"]) == ["kernel"]
+  assert sorted(p["attn_pool"]["set_norm"]) == ["bias", "scale"]
+  for b in range(2):
+    x = np.asarray(regions[b], np.float64)[mask[b]] @ p["roi_embedding"]["kernel"]
+    x = np.concatenate([x.mean(axis=0, keepdims=True), x])
+    x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    x = x * p["attn_pool"]["set_norm"]["scale"] + p["attn_pool"]["set_norm"]["bias"]
+    qkv, out = p["attn_pool"]["qkv"], p["attn_pool"]["out"]
+    width, _, heads, head_dim = qkv["kernel"].shape
+    q, k, v = (x @ qkv["kernel"][:, i].reshape(width, -1) + qkv["bias"][i].reshape(-1)
+               for i in range(3))
+    mixed = []
+    for h in range(heads):  # the mean token's query, head by head
+      s = slice(h * head_dim, (h + 1) * head_dim)
+      scores = q[0, s] @ k[:, s].T / np.sqrt(head_dim)
+      weights = np.exp(scores - scores.max())
+      mixed.append(weights / weights.sum() @ v[:, s])
+    want = np.concatenate(mixed) @ out["kernel"].reshape(width, -1) + out["bias"]
+    np.testing.assert_allclose(got[b], want, rtol=2e-4, atol=2e-4)
+
+
+def test_roi_embedding_starts_as_the_official_proj_pre():
+  """Official init of proj_pre: normal with std feature_width**-0.5."""
+  model = roi_tower()
+  params = nn.unbox(jax.jit(functools.partial(model.init, method=with_rois))(
+      jax.random.key(0), images(), *roi_inputs()))["params"]
+  kernel = np.asarray(params["roi_embedding"]["kernel"])
+  assert kernel.shape == (ROI_FEATURES + vit.BOX_DIM, 256)
+  np.testing.assert_allclose(kernel.std(), 256**-0.5, rtol=0.05)
+  assert abs(kernel.mean()) < 0.01

@@ -271,7 +271,7 @@ def depthwise_conv3x3(x, kernel):
 
 
 class Leff(nn.Module):
-  """Locally enhanced feed-forward on the patch tokens of a ViT [paper, PyramidCLIP code]:
+  """Locally enhanced feed-forward on the patch tokens of a ViT [paper, official model code]:
   Linear W->hidden, norm, QuickGELU; the tokens as their (h, w) grid, depthwise 3x3
   convolution, norm, QuickGELU; Linear hidden->W, norm, QuickGELU.
 
@@ -323,8 +323,10 @@ class Block(nn.Module):
   layer-wise objectives align. Returning it from the block lets `nn.scan` stack it
   without keeping every layer's full token sequence.
 
-  With a `leff_grid` (h, w) the feed-forward is a `Leff` on the patch tokens (position
-  0, the class token, bypasses it [paper]) instead of the MLP.
+  With a `leff_grid` (h, w) the feed-forward is a `Leff` on the patch tokens instead of
+  the MLP. The class token (position 0) skips the LeFF but still comes out of the
+  feed-forward as its normalised input, so the residual adds `norm2(x)` to it [paper,
+  official model code: LEFF returns the class token it was given].
   """
   mlp_dim: int
   heads: int
@@ -343,7 +345,8 @@ class Block(nn.Module):
     if self.leff_grid is None:
       x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(y)
     else:
-      x = x.at[:, 1:].add(Leff(self.mlp_dim, self.leff_grid, self.dtype, name="leff")(y[:, 1:]))
+      patches = Leff(self.mlp_dim, self.leff_grid, self.dtype, name="leff")(y[:, 1:])
+      x = x + jnp.concatenate([y[:, :1], patches], axis=1)
     x = constrain(x, "act_batch", "act_len", "act_embed")
     return x, pool(x, lengths, self.readout)
 

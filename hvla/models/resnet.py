@@ -17,6 +17,11 @@ PyramidCLIP's RN50 split [paper, PyramidCLIP]: f1 = the convolutional trunk
 into the tokens `attnpool` takes, and the three compose to `__call__` exactly. `f1`,
 `f2` and `rois` are the same pieces behind the interface the ViT offers.
 
+PyramidCLIP's ROI path (`rois`) [paper, official model code: ModifiedResNet and
+AttentionPool2d with isROI]: region features -> a bias-free linear map to the trunk's
+width -> their mean prepended -> a LayerNorm -> the attention pool without positional
+embedding; the mean token's output is the region set's embedding.
+
 Choices marked [ours]:
 - GroupNorm (`norm_groups`, 32 by default) replaces BatchNorm. BatchNorm would need a
   mutable `batch_stats` collection (the train step is a pure `apply({'params': ...})`)
@@ -30,12 +35,8 @@ Choices marked [ours]:
   keys and values are unchanged), so they share the pooled width and the image
   projection; the mean-token row is exactly CLIP's pooled output.
 - The positional embedding is resized bilinearly for other resolutions (as in ViT).
-- `attnpool(tokens, grid=None, mask=None)` pools a set without spatial positions (e.g.
-  region features): only the query's positional embedding is added; `mask` leaves
-  padded members out of the mean query and out of the keys.
-- The ROI path (`rois`, PyramidCLIP with this tower): region features -> a learned
-  linear map to the trunk's width -> the attention pool over the set (its mean query
-  plays the ViT's class token).
+- `mask` in `attnpool(tokens, grid=None, mask=None)` leaves padded members of a set
+  out of the mean query and out of the keys, so padding never changes the result.
 - Convolutions start He-normal; the attention pool's projections and positional
   embedding start normal with std width**-0.5 (CLIP's scale).
 - CLIP's attention pool projects straight to the joint space; here its output is the
@@ -155,11 +156,13 @@ class Stage(nn.Module):
 
 
 class AttentionPool(nn.Module):
-  """Multi-head attention of [mean token; tokens] (+ positions) -> (pooled, tokens).
+  """Multi-head attention of [mean token; tokens] -> (pooled, tokens).
 
   `grid` (h, w) says the tokens are a raster-order feature map and adds the positional
-  embedding, resized from `native_grid`; None pools an unordered set. `mask` [B, P]
-  (True: real) leaves padded tokens out of the mean query and out of the keys.
+  embedding, resized from `native_grid`. None pools an unordered set (PyramidCLIP's
+  regions): no positional embedding, but a LayerNorm (`set_norm`) on [mean; tokens]
+  [paper, official model code: AttentionPool2d with isROI, its `ln_pre`]. `mask` [B, P]
+  (True: real) leaves padded tokens out of the mean query and out of the keys [ours].
   """
   heads: int
   output_dim: int
@@ -171,9 +174,6 @@ class AttentionPool(nn.Module):
   def __call__(self, x, grid=None, mask=None):
     width = x.shape[-1]
     init = nn.initializers.normal(width**-0.5)
-    pos = self.param(
-        "pos_embedding", layers.partitioned(init, None, "embed"),
-        (1 + self.native_grid[0] * self.native_grid[1], width)).astype(self.dtype)
     if mask is None:
       query, keys = jnp.mean(x, axis=1, keepdims=True), None
     else:
@@ -183,10 +183,13 @@ class AttentionPool(nn.Module):
       keys = jnp.pad(real[..., 0], ((0, 0), (1, 0)), constant_values=True)[:, None, None]
     x = jnp.concatenate([query, x], axis=1)
     if grid is None:
-      x = x.at[:, 0].add(pos[0])
+      x = layers.layer_norm(self.dtype, "set_norm")(x)
     else:
       if x.shape[1] - 1 != grid[0] * grid[1]:
         raise ValueError(f"{x.shape[1] - 1} tokens do not fill the grid {tuple(grid)}.")
+      pos = self.param(
+          "pos_embedding", layers.partitioned(init, None, "embed"),
+          (1 + self.native_grid[0] * self.native_grid[1], width)).astype(self.dtype)
       x = x + jnp.concatenate([pos[:1], resize_pos_embedding(pos[1:], self.native_grid, grid)])
     x = layers.constrain(x, "act_batch", "act_len", "act_embed")
     head_dim = width // self.heads
@@ -275,11 +278,11 @@ class ResNet(nn.Module):
         for i, blocks in enumerate(self.layers)]
     self.attn_pool = AttentionPool(self.heads, self.output_dim, self.native_grid, self.dtype,
                                    self.attention)
-    if self.roi:
+    if self.roi:  # the official proj_pre: bias-free, std feature_width**-0.5
       self.roi_embedding = nn.Dense(
-          self.feature_width, dtype=self.dtype,
-          kernel_init=layers.partitioned(nn.initializers.lecun_normal(), None, "embed"),
-          bias_init=layers.partitioned(nn.initializers.zeros, "embed"))
+          self.feature_width, use_bias=False, dtype=self.dtype,
+          kernel_init=layers.partitioned(
+              nn.initializers.normal(self.feature_width**-0.5), None, "embed"))
 
   @property
   def roi_input_dim(self):
@@ -322,7 +325,8 @@ class ResNet(nn.Module):
     return self.attnpool(tokens, grid)[0]
 
   def rois(self, regions, mask):
-    """ROI path: regions [B, M, roi_input_dim] with mask [B, M] -> [B, output_dim]."""
+    """ROI path: regions [B, M, roi_input_dim] with mask [B, M] (True: real) ->
+    [B, output_dim]."""
     return self.attnpool(self.roi_embedding(regions), None, mask)[0]
 
   def __call__(self, images, *, train=False):

@@ -9,7 +9,7 @@ Parameter tree (`params`, float32 whatever the compute dtype):
 | `img/pre_norm`, `img/norm` | LayerNorm `scale`, `bias` [W] | embed |
 | `img/encoder/block_{i}` | one block (below) per layer | |
 | `img/encoder/blocks` | with `scan`: the blocks stacked on a leading axis | layers, ... |
-| `img/roi_embedding/kernel`, `bias` | [F + 4, W], [W] (with `pyramid.roi.source`) | -, embed |
+| `img/roi_embedding/kernel` | [F + 4, W], no bias (with `pyramid.roi.source`) | -, embed |
 | `txt/token_embedding/embedding` | [V, W] | vocab, embed |
 | `txt/pos_embedding` | [max_len, W] | -, embed |
 | `txt/encoder/...`, `txt/norm` | as for `img` | |
@@ -23,6 +23,10 @@ A block: `norm1`, `attn/qkv` (kernel [W, 3, H, W/H]: embed, -, heads, kv), `attn
 
 An f1 block of a ViT with `model.pyramid.leff` has `leff/...` (fc1, norm1, conv_kernel
 [3, 3, 4W], norm2, fc2, norm3) in place of `mlp`.
+
+The ResNet tower (`hvla/models/resnet.py`) has its own `img/...` tree; with
+`pyramid.roi.source` it adds `img/roi_embedding/kernel` [F + 4, C] (no bias) and the ROI
+path's LayerNorm `img/attn_pool/set_norm` [C], C the trunk width (2048 for RN50).
 
 Every method is pure and reached through `model.apply(params, ..., method=...)`.
 Joint embeddings are float32 and L2-normalised; `pooled`, `tokens` and `cls_layers`

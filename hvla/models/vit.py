@@ -10,9 +10,9 @@ token sequence in between (ROIs, concept tokens, masking).
 PyramidCLIP's pieces [paper, official model code]: `f1` (stem and the first
 `f1_blocks` blocks) and `f2` (the remaining blocks and the head) compose to the whole
 tower; with `leff` the f1 blocks replace their MLP by a LeFF (`layers.Leff`); with a
-`roi` source the tower owns the ROI path `rois`: region features -> a learned linear
-map to the width -> the class embedding prepended (no positional embedding) -> pre-LN
--> only the f2 blocks -> the final LN on the class token.
+`roi` source the tower owns the ROI path `rois`: region features -> a bias-free
+linear map to the width -> the class embedding prepended (no positional embedding) ->
+pre-LN -> only the f2 blocks -> the final LN on the class token.
 
 Choices marked [ours]: the patch embedding is a matmul on flattened patches (the
 same function as CLIP's stride-p convolution); the positional embedding is resized
@@ -182,11 +182,11 @@ class ViT(nn.Module):
         attention=self.attention,
         leff_depth=self.f1_blocks if self.leff else 0)
     self.norm = layers.layer_norm(self.dtype)
-    if self.roi:
+    if self.roi:  # the official proj_pre: bias-free, std width**-0.5
       self.roi_embedding = nn.Dense(
-          self.width, dtype=self.dtype,
-          kernel_init=layers.partitioned(nn.initializers.lecun_normal(), None, "embed"),
-          bias_init=layers.partitioned(nn.initializers.zeros, "embed"))
+          self.width, use_bias=False, dtype=self.dtype,
+          kernel_init=layers.partitioned(nn.initializers.normal(self.width**-0.5),
+                                         None, "embed"))
 
   def stem(self, images, *, train=False):
     """Images [B, H, W, 3] -> tokens [B, 1 + P, W]: class token first, then patches.
@@ -252,8 +252,9 @@ class ViT(nn.Module):
   def rois(self, regions, mask):
     """ROI path: regions [B, M, roi_input_dim] with mask [B, M] (True: real) -> [B, W].
 
-    Padded regions never change the result: they are moved behind the real ones and
-    masked out as keys (without positional embeddings the order has no meaning).
+    Padded regions never change the result [ours; the official code has no padding]:
+    they are moved behind the real ones and masked out as keys (without positional
+    embeddings the order has no meaning).
     """
     x, count = real_first(self.roi_embedding(regions), mask)
     cls = jnp.broadcast_to(self.cls.astype(self.dtype), (x.shape[0], 1, self.width))
