@@ -1,6 +1,7 @@
 """The contrastive primitive against a naive NumPy reference, and its strategies against
 each other on the 8 fake CPU devices."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,48 +10,69 @@ import optax
 import pytest
 from jax.sharding import AxisType
 
-from hvla.losses.contrastive import contrastive_loss, resolve_batch_mesh
+from hvla.losses.contrastive import Teacher, contrastive_loss, resolve_batch_mesh
 
 
 # ----------------------------------------------------------------------------------------
 # Naive reference: loops over anchors, float64, gradients by central differences.
 # ----------------------------------------------------------------------------------------
+def log_sum_exp(v):
+  return v.max() + np.log(np.exp(v - v.max()).sum())
+
+
 def reference_direction(a, c, a_ids, c_ids, a_dom, c_dom, scale, bias, kind, alpha,
-                        exclude_self):
+                        exclude_self, a_valid=None, c_valid=None, teacher=None):
+  """Mean over valid anchors; an anchor without candidates adds 0. teacher: (teacher
+  anchors, teacher candidates, teacher scale, weight) or None."""
+  a_valid = np.ones(len(a), bool) if a_valid is None else a_valid
+  c_valid = np.ones(len(c), bool) if c_valid is None else c_valid
   losses = []
-  for i in range(len(a)):
-    js = [j for j in range(len(c)) if not (exclude_self and i == j)]
+  for i in np.flatnonzero(a_valid):
+    js = [j for j in range(len(c)) if c_valid[j] and not (exclude_self and i == j)]
+    if not js:
+      losses.append(0.0)
+      continue
     logits = np.array([scale[a_dom[i], c_dom[j]] * (a[i] @ c[j] - bias[a_dom[i], c_dom[j]])
                        for j in js])
     positive = np.array([a_ids[i] == c_ids[j] for j in js])
     if kind == 'softmax':
-      targets = np.where(positive, (1 - alpha) / positive.sum(),
+      targets = np.where(positive, (1 - alpha) / max(positive.sum(), 1),
                          alpha / max((~positive).sum(), 1))
-      log_probs = logits - np.log(np.exp(logits).sum())
-      losses.append(-(targets * log_probs).sum())
+      if teacher is not None:
+        t_a, t_c, t_scale, weight = teacher
+        t = np.array([t_scale * t_a[i] @ t_c[j] for j in js])
+        targets = weight * np.exp(t - log_sum_exp(t)) + (1 - weight) * targets
+      losses.append(-(targets * (logits - log_sum_exp(logits))).sum())
     elif kind == 'mpnce':
-      negatives = np.exp(logits[~positive]).sum()
-      losses.append(np.mean([-np.log(np.exp(p) / (np.exp(p) + negatives))
-                             for p in logits[positive]]))
+      negatives = logits[~positive]
+      neg_lse = log_sum_exp(negatives) if len(negatives) else -np.inf
+      losses.append(np.mean([np.logaddexp(p, neg_lse) - p for p in logits[positive]])
+                    if positive.any() else 0.0)
     else:
       z = np.where(positive, 1.0, -1.0)
-      losses.append(np.sum(-np.log(1.0 / (1.0 + np.exp(-z * logits)))))
-  return np.mean(losses)
+      losses.append(np.sum(np.logaddexp(0.0, -z * logits)))
+  return np.sum(losses) / max(len(losses), 1)
 
 
 def reference_loss(x, y, scale, bias, *, kind='softmax', label_smoothing=0.0, row_ids=None,
                    col_ids=None, row_domains=None, col_domains=None, exclude_self=False,
-                   symmetric=True):
+                   symmetric=True, row_valid=None, col_valid=None, teacher=None):
   n, m = len(x), len(y)
   row_ids = np.arange(n) if row_ids is None else row_ids
   col_ids = np.arange(m) if col_ids is None else col_ids
   row_dom = np.zeros(n, int) if row_domains is None else row_domains
   col_dom = np.zeros(m, int) if col_domains is None else col_domains
   scale, bias = (np.broadcast_to(p, (1, 1)) if np.ndim(p) == 0 else p for p in (scale, bias))
-  directions = [(x, y, row_ids, col_ids, row_dom, col_dom, scale, bias)]
+  forward = backward = None
+  if teacher is not None:
+    forward = (teacher.x, teacher.y, teacher.scale, teacher.weight)
+    backward = (teacher.y, teacher.x, teacher.scale, teacher.weight)
+  directions = [(x, y, row_ids, col_ids, row_dom, col_dom, scale, bias, row_valid,
+                 col_valid, forward)]
   if symmetric:
-    directions.append((y, x, col_ids, row_ids, col_dom, row_dom, scale.T, bias.T))
-  return np.mean([reference_direction(*d, kind, label_smoothing, exclude_self)
+    directions.append((y, x, col_ids, row_ids, col_dom, row_dom, scale.T, bias.T, col_valid,
+                       row_valid, backward))
+  return np.mean([reference_direction(*d[:8], kind, label_smoothing, exclude_self, *d[8:])
                   for d in directions])
 
 
@@ -245,6 +267,269 @@ def test_chunked_never_builds_the_full_logits(kind):
 
 
 # ----------------------------------------------------------------------------------------
+# Every strategy against the reference: saturated softmax, validity masks, teacher
+# targets, bfloat16 inputs, blocks that do not divide N or M.
+# ----------------------------------------------------------------------------------------
+MESH = jax.make_mesh((2, 4), ('data', 'fsdp'), axis_types=(AxisType.Auto,) * 2)
+EVERY_STRATEGY = {'dense': {}, 'chunked': dict(strategy='chunked', block_size=3),
+                  'sharded': dict(strategy='sharded', mesh=MESH),
+                  'sharded_blocks': dict(strategy='sharded', mesh=MESH, block_size=3)}
+
+
+def jitted_value_and_grads(**opts):
+  """f(x, y, scale) -> (loss, (d_x, d_y, d_scale)), jitted."""
+  loss = lambda x, y, s: contrastive_loss(x, y, scale=s, **opts)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+def reference_value_and_grads(x, y, scale, **opts):
+  f = lambda x, y, s: reference_loss(x, y, s, 0.0, **opts)
+  return f(x, y, scale), numeric_grads(f, [x, y, np.float64(scale)])
+
+
+def assert_matches(got, want, tol, name=''):
+  (value, grads), (want_value, want_grads) = got, want
+  np.testing.assert_allclose(value, want_value, rtol=tol, atol=tol, err_msg=name)
+  for g, w, arg in zip(grads, want_grads, 'xys'):
+    np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=tol, atol=tol,
+                               err_msg=f'{name} d_{arg}')
+
+
+def separated_pairs(layout):
+  """8 pairs whose positives are far ahead of their negatives (x_i = e_i): y_j = e_j
+  (orthogonal), or 0.8 e_j + 0.6 e_(j-1), so that anchor j-1 has one hard negative far
+  ahead of the other negatives."""
+  eye = np.eye(8, 16)
+  return eye, eye if layout == 'orthogonal' else 0.8 * eye + 0.6 * np.roll(eye, 1, axis=0)
+
+
+KIND_OPTIONS = {'softmax': {}, 'smoothing': dict(label_smoothing=0.2),
+                'mpnce': dict(kind='mpnce'), 'sigmoid': dict(kind='sigmoid')}
+
+
+@pytest.mark.parametrize('layout', ['orthogonal', 'hard_negative'])
+@pytest.mark.parametrize('kind', sorted(KIND_OPTIONS))
+def test_saturated_softmax_matches_reference(kind, layout):
+  """At scale 20..100 every term but the largest underflows: the log-sum-exp must still
+  give the whole gradient to the terms that are left."""
+  x, y = separated_pairs(layout)
+  fns = {name: jitted_value_and_grads(**KIND_OPTIONS[kind], **strategy)
+         for name, strategy in EVERY_STRATEGY.items()}
+  for scale in (20.0, 50.0, 100.0):
+    want = reference_value_and_grads(x, y, scale, **KIND_OPTIONS[kind])
+    for name, f in fns.items():
+      got = f(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), jnp.float32(scale))
+      assert_matches(got, want, 1e-4, f'{name} at scale {scale}')
+
+
+def test_saturated_gradient_of_the_scale_is_zero():
+  """The measured failure: 8 orthogonal pairs at scale 20 gave d loss / d scale = -0.5."""
+  x = jnp.eye(8, 16)
+  for name, strategy in EVERY_STRATEGY.items():
+    grad = jax.grad(lambda s: contrastive_loss(x, x, scale=s, **strategy))(20.0)
+    assert abs(float(grad)) < 1e-6, name
+
+
+ROW_IDS = np.array([0, 1, 1, 2, 3, 3, 4, 5])
+COL_IDS = np.array([0, 1, 2, 2, 3, 4, 5, 5, 6, 0, 1, 7, 3, 8, 9, 4])
+MASK_CASES = {
+    'random_masks': dict(row_ids=ROW_IDS, col_ids=COL_IDS,
+                         row_valid=np.array([1, 1, 0, 1, 1, 0, 1, 1], bool),
+                         col_valid=np.random.default_rng(12).random(16) < 0.6),
+    'no_valid_rows': dict(row_ids=ROW_IDS, col_ids=COL_IDS, row_valid=np.zeros(8, bool)),
+    'no_valid_cols': dict(row_ids=ROW_IDS, col_ids=COL_IDS, col_valid=np.zeros(16, bool)),
+    # row 0's one valid candidate is itself; column 0 sees rows 1 (positive) and 2
+    'anchor_without_candidates': dict(
+        m=8, exclude_self=True, row_ids=ROW_IDS, col_ids=np.array([0, 0, 1, 2, 3, 3, 4, 5]),
+        row_valid=np.arange(8) < 3, col_valid=np.arange(8) < 1),
+}
+MASK_KINDS = {'softmax': dict(label_smoothing=0.1), 'mpnce': dict(kind='mpnce'),
+              'sigmoid': dict(kind='sigmoid')}
+
+
+@pytest.mark.parametrize('kind', sorted(MASK_KINDS))
+@pytest.mark.parametrize('name', sorted(MASK_CASES))
+def test_validity_masks_match_reference(name, kind):
+  opts = {**MASK_CASES[name], **MASK_KINDS[kind]}
+  x, y = embeddings(8, 4, seed=13), embeddings(opts.pop('m', 16), 4, seed=14)
+  want = reference_value_and_grads(x, y, 4.0, **opts)
+  for strategy, extra in EVERY_STRATEGY.items():
+    got = jitted_value_and_grads(**opts, **extra)(jnp.asarray(x, jnp.float32),
+                                                  jnp.asarray(y, jnp.float32), 4.0)
+    assert all(np.isfinite(v).all() for v in jax.tree.leaves(got)), strategy
+    assert_matches(got, want, 2e-5, strategy)
+
+
+TEACHER_CASES = {
+    'plain': dict(m=16, opts={}),
+    'smoothing_multi_positive_masks': dict(
+        m=16, opts=dict(label_smoothing=0.1, row_ids=ROW_IDS, col_ids=COL_IDS,
+                        row_valid=MASK_CASES['random_masks']['row_valid'],
+                        col_valid=MASK_CASES['random_masks']['col_valid'])),
+    'exclude_self_one_way': dict(m=8, opts=dict(exclude_self=True, symmetric=False,
+                                                row_ids=ROW_IDS, col_ids=ROW_IDS)),
+}
+
+
+def teacher_value_and_grads(teacher, **opts):
+  """Like jitted_value_and_grads, the teacher's weight a traced argument (it is ramped in
+  training)."""
+  def loss(x, y, s, weight):
+    return contrastive_loss(x, y, scale=s, teacher=teacher._replace(weight=weight), **opts)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+@pytest.mark.parametrize('name', sorted(TEACHER_CASES))
+def test_teacher_targets_match_reference(name):
+  case = TEACHER_CASES[name]
+  x, y = embeddings(8, 4, seed=15), embeddings(case['m'], 4, seed=16)
+  teacher = Teacher(x=embeddings(8, 6, seed=17), y=embeddings(case['m'], 6, seed=18),
+                    scale=7.0, weight=0.4)
+  want = reference_value_and_grads(x, y, 4.0, teacher=teacher, **case['opts'])
+  for strategy, extra in EVERY_STRATEGY.items():
+    f = teacher_value_and_grads(teacher, **case['opts'], **extra)
+    got = f(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), 4.0, 0.4)
+    assert_matches(got, want, 2e-5, strategy)
+
+
+def test_teacher_weight_zero_is_no_teacher_and_one_on_itself_has_no_gradient():
+  """a = 0: the hard targets. a = 1 with the student as its own teacher: the targets are
+  the (fixed) predictions, so the loss is their entropy and its gradient is 0."""
+  x = jnp.asarray(embeddings(8, 4, seed=19), jnp.float32)
+  y = jnp.asarray(embeddings(16, 4, seed=20), jnp.float32)
+  for strategy, extra in EVERY_STRATEGY.items():
+    plain = jitted_value_and_grads(label_smoothing=0.1, **extra)(x, y, 4.0)
+    f = teacher_value_and_grads(Teacher(x, y, 4.0, 0.0), label_smoothing=0.1, **extra)
+    assert_trees_close(f(x, y, 4.0, 0.0), plain)
+    value, grads = f(x, y, 4.0, 1.0)
+    logits = 4.0 * np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
+    entropy = lambda z: -np.sum(np.exp(z) * z, 1).mean()
+    log_p = lambda z: z - np.log(np.exp(z).sum(1, keepdims=True))
+    np.testing.assert_allclose(value, (entropy(log_p(logits)) + entropy(log_p(logits.T))) / 2,
+                               rtol=1e-5, err_msg=strategy)
+    for g in grads:
+      np.testing.assert_allclose(g, 0.0, atol=1e-6, err_msg=strategy)
+
+
+def test_bfloat16_inputs_match_reference():
+  x, y = embeddings(8, 4, seed=21), embeddings(16, 4, seed=22)
+  x16, y16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(y, jnp.bfloat16)
+  opts = dict(label_smoothing=0.1, row_ids=ROW_IDS, col_ids=COL_IDS)
+  want = reference_value_and_grads(np.asarray(x16, np.float64), np.asarray(y16, np.float64),
+                                   4.0, **opts)
+  for strategy, extra in EVERY_STRATEGY.items():
+    value, grads = jitted_value_and_grads(**opts, **extra)(x16, y16, 4.0)
+    assert grads[0].dtype == grads[1].dtype == jnp.bfloat16, strategy
+    np.testing.assert_allclose(value, want[0], rtol=1e-5, err_msg=strategy)
+    for g, w in zip(grads, want[1]):  # the gradients are rounded to bfloat16
+      np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=1e-2, atol=1e-3,
+                                 err_msg=strategy)
+
+
+# ----------------------------------------------------------------------------------------
+# The symmetric loss in one pass over the logits.
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize('kind', sorted(MASK_KINDS))
+def test_symmetric_equals_two_one_way_calls_with_domain_tables(kind):
+  """The y->x direction of the fused pass is the one-way loss of y against x with the
+  transposed tables."""
+  x = jnp.asarray(embeddings(8, 4, seed=23), jnp.float32)
+  y = jnp.asarray(embeddings(16, 4, seed=24), jnp.float32)
+  x_dom, y_dom = np.arange(8) % 2, np.arange(16) // 8
+  valid = MASK_CASES['random_masks']
+  one_way = dict(symmetric=False, **MASK_KINDS[kind])
+  scale, bias = jnp.asarray(TABLE_SCALE, jnp.float32), jnp.asarray(TABLE_BIAS, jnp.float32)
+  for strategy, extra in EVERY_STRATEGY.items():
+    def fused(x, y, scale, bias):
+      return contrastive_loss(x, y, scale=scale, bias=bias, row_ids=ROW_IDS, col_ids=COL_IDS,
+                              row_domains=x_dom, col_domains=y_dom,
+                              row_valid=valid['row_valid'], col_valid=valid['col_valid'],
+                              **MASK_KINDS[kind], **extra)
+    def two_pass(x, y, scale, bias):
+      forward = contrastive_loss(x, y, scale=scale, bias=bias, row_ids=ROW_IDS,
+                                 col_ids=COL_IDS, row_domains=x_dom, col_domains=y_dom,
+                                 row_valid=valid['row_valid'], col_valid=valid['col_valid'],
+                                 **one_way, **extra)
+      backward = contrastive_loss(y, x, scale=scale.T, bias=bias.T, row_ids=COL_IDS,
+                                  col_ids=ROW_IDS, row_domains=y_dom, col_domains=x_dom,
+                                  row_valid=valid['col_valid'], col_valid=valid['row_valid'],
+                                  **one_way, **extra)
+      return (forward + backward) / 2
+    grads = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(x, y, scale, bias)
+    assert_trees_close(grads(fused), grads(two_pass))
+
+
+def count_dots(jaxpr, shapes):
+  """Matrix products (at any nesting depth) whose output has one of `shapes`."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == 'dot_general' and eqn.outvars[0].aval.shape in shapes
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, 'jaxpr', sub)
+        if hasattr(sub, 'eqns'):
+          count += count_dots(sub, shapes)
+  return count
+
+
+@pytest.mark.parametrize('kind', ['softmax', 'sigmoid'])
+def test_symmetric_loss_computes_each_block_of_logits_once(kind):
+  """dense: one [N, M] product, for value and gradient; chunked: one [N, block] product
+  in the forward scan and one in the backward scan (two directions computed apart
+  would take twice as many)."""
+  n, m, d, block = 12, 20, 8, 4
+  x, y = jnp.ones((n, d)), jnp.ones((m, d))
+  def dots(shapes, **strategy):
+    loss = lambda x, y, s: contrastive_loss(x, y, scale=s, kind=kind, **strategy)
+    return count_dots(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2)))(
+        x, y, 2.0).jaxpr, shapes)
+  assert dots([(n, m), (m, n)]) == 1
+  assert dots([(n, block), (block, n)], strategy='chunked', block_size=block) == 2
+
+
+def count_collective_arrays(hlo, op, shape):
+  """How many arrays of `shape` the `op` instructions (combined ones included) move."""
+  total = 0
+  for line in hlo.splitlines():
+    match = re.search(rf'= (.*?) {op}(-start)?\(', line)
+    total += len(re.findall(re.escape(shape), match.group(1))) if match else 0
+  return total
+
+
+@pytest.mark.parametrize('block_size', [None, 4])
+def test_sharded_gathers_an_array_once_for_several_terms(block_size):
+  """Three terms of one jitted function over three arrays, columns b, b and c: XLA
+  gathers b once (2 all-gathers, not 3), and each term reduce-scatters its columns'
+  gradient; sharded equals dense."""
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
+  def objective(strategy):
+    def loss(a, b, c):
+      return sum(contrastive_loss(u, v, scale=5.0, label_smoothing=0.1, strategy=strategy,
+                                  mesh=mesh, block_size=block_size)
+                 for u, v in ((a, b), (c, b), (a, c)))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  args = [jax.device_put(jnp.asarray(embeddings(32, 8, seed), jnp.float32), rows)
+          for seed in (25, 26, 27)]
+  hlo = objective('sharded').lower(*args).compile().as_text()
+  assert count_collective_arrays(hlo, 'all-gather', 'f32[32,8]') == 2
+  assert count_collective_arrays(hlo, 'reduce-scatter', 'f32[4,8]') == 3
+  assert_trees_close(objective('sharded')(*args), objective('dense')(*args))
+
+
+@pytest.mark.parametrize('kind', ['softmax', 'mpnce', 'sigmoid'])
+def test_chunked_never_builds_the_full_logits_with_masks_or_teacher(kind):
+  n, m, d, block = 48, 80, 8, 16
+  x, y = jnp.ones((n, d)), jnp.ones((m, d))
+  teacher = Teacher(jnp.ones((n, 5)), jnp.ones((m, 5)), 3.0, 0.4) if kind == 'softmax' else None
+  loss = lambda x, y, s: contrastive_loss(
+      x, y, scale=s, kind=kind, strategy='chunked', block_size=block, teacher=teacher,
+      row_valid=jnp.arange(n) % 3 > 0, col_valid=jnp.arange(m) % 5 > 0)
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, y, 2.0).jaxpr
+  assert largest_intermediate(jaxpr) <= max(n, m) * block
+
+
+# ----------------------------------------------------------------------------------------
 # Bad input.
 # ----------------------------------------------------------------------------------------
 X, Y = jnp.ones((4, 3)), jnp.ones((4, 3))
@@ -268,8 +553,32 @@ X, Y = jnp.ones((4, 3)), jnp.ones((4, 3))
     (dict(strategy='sharded', mesh=jax.make_mesh((8,), ('data',))), 'divisible by the 8'),
     (dict(strategy='sharded', mesh=jax.make_mesh((8,), ('data',)), batch_axes=('fsdp',)),
      'subset of the mesh axes'),
+    (dict(row_valid=jnp.ones(3, bool)), r'row_valid must be booleans of shape'),
+    (dict(col_valid=jnp.ones(4)), r'col_valid must be booleans of shape'),
+    (dict(kind='mpnce', teacher=Teacher(X, Y, 1.0, 0.5)), "teacher targets apply to kind='softmax'"),
+    (dict(teacher=Teacher(X, jnp.ones((4, 2)), 1.0, 0.5)), 'teacher.x and teacher.y must be'),
+    (dict(teacher=Teacher(X, Y, jnp.ones(2), 0.5)), 'must be scalars'),
+    (dict(teacher=Teacher(X, Y, 1.0, 1.5)), r'teacher.weight must be in \[0, 1\]'),
 ])
 def test_bad_input_is_named(kwargs, message):
   kwargs = {'x': X, 'y': Y, 'scale': 2.0, **kwargs}
   with pytest.raises(ValueError, match=message):
     contrastive_loss(kwargs.pop('x'), kwargs.pop('y'), **kwargs)
+
+
+# ----------------------------------------------------------------------------------------
+# The benchmark's two-pass switch.
+# ----------------------------------------------------------------------------------------
+def test_benchmark_two_pass_case_computes_the_symmetric_loss():
+  from hvla.tools import benchmark_contrastive as bc
+  x = jnp.asarray(embeddings(16, 4, seed=28), jnp.float32)
+  y = jnp.asarray(embeddings(16, 4, seed=29), jnp.float32)
+  for strategy in ('dense', 'chunked'):
+    fused = jax.jit(bc.loss_and_grads(strategy, block_size=5))(x, y, 3.0)
+    two_pass = jax.jit(bc.loss_and_grads(strategy, block_size=5, two_pass=True))(x, y, 3.0)
+    assert_trees_close(two_pass, fused)
+  results = bc.measure(32, 4, ['dense', 'chunked'], block_size=8, repeats=2, two_pass=True)
+  assert [(r['strategy'], r['two_pass']) for r in results] == [
+      ('dense', False), ('dense', True), ('chunked', False), ('chunked', True)]
+  assert all(len(r['seconds_all']) == 2 for r in results)
+  assert '| 32 | chunked, two-pass | 8 | 1 |' in bc.format_table(results)

@@ -7,28 +7,39 @@ Anchors x [N, D] meet candidates y [M, D] through the similarity
 where scale and bias are scalars, or [R, C] tables indexed by the domains of the pair
 (UniCLIP's domain-dependent similarity). Pair (i, j) is positive when the anchor's and
 the candidate's group ids are equal (default ids: the diagonal), so no [N, M] mask is
-ever an input. The loss of one direction is the mean over anchors of:
+ever an input. `row_valid` and `col_valid` drop items: an invalid row is neither an
+anchor of x->y nor a candidate of y->x, and likewise for columns. The loss of one
+direction is the mean over its valid anchors (0 when it has none) of:
 
 - 'softmax': cross-entropy of softmax(s_i) with a target distribution: (1 - alpha)
   spread uniformly over the anchor's positives and alpha uniformly over its negatives.
   With one positive among M candidates that is 1 - alpha and alpha / (M - 1): the
   softened targets of PyramidCLIP [recon] (unlike the usual label smoothing, which also
-  gives alpha / M to the positive). Spreading over several positives is [ours].
+  gives alpha / M to the positive). Spreading over several positives is [ours]. With a
+  `Teacher` (momentum distillation, ALBEF / ViCHA [paper]) the target becomes
+  a * softmax_j(t_ij) + (1 - a) * that hard target, t_ij = teacher scale * xt_i . yt_j
+  over the same candidates; the teacher carries no gradient.
 - 'mpnce': UniCLIP's MP-NCE [recon]: -1/|P| sum_p log(e^s_ip / (e^s_ip + sum_neg e^s_in)),
   other positives kept out of the denominator.
 - 'sigmoid': SigLIP [paper]: sum_j -log sigmoid(z_ij s_ij), z = +1 on positives and -1
   elsewhere, summed over candidates (then the mean over anchors).
 
-`symmetric` averages the x->y and y->x directions (CLIP [paper]). The strategies compute
+An anchor without any candidate adds 0 (and still counts in the mean) [ours].
+`symmetric` averages the x->y and y->x directions (CLIP [paper]). Both come from one pass
+over the logits: each block of s is computed once, its rows' statistics and
+(transposed) its columns' statistics accumulate from it [ours]. The strategies compute
 the same value and gradient: 'dense' materialises the [N, M] logits; 'chunked' streams
-blocks of candidates with an online log-sum-exp and a custom VJP that recomputes them;
-'sharded' runs under `jax.shard_map`, each device's anchors against all-gathered
-candidates, so gradients flow back (reduce-scattered) to the device that produced them.
-Logits are computed in float32 [ours].
+blocks of candidates with an online log-sum-exp and a custom VJP that recomputes each
+block once; 'sharded' runs under `jax.shard_map`, each device's rows against the
+all-gathered columns, the columns' statistics (partial over the device's rows)
+combined across devices by pmax / psum of rescaled sums; gradients flow back
+(reduce-scattered) to the device that produced them. XLA merges identical gathers, so
+an array that several calls in one jitted function use is gathered once. Logits are
+computed in float32 [ours].
 """
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,26 +51,43 @@ DEFAULT_BATCH_AXES = ('data', 'fsdp')
 _FLOOR = float(jnp.finfo(jnp.float32).min)  # running max of an empty online log-sum-exp
 
 
+class Teacher(NamedTuple):
+  """Soft targets from a teacher (e.g. the momentum model of ALBEF / ViCHA [paper]):
+  anchor i's target is weight * softmax_j(scale * x_i . y_j) + (1 - weight) * the hard
+  target. x [N, Dt] and y [M, Dt] are the teacher's embeddings of the same items; none
+  of the four fields receives a gradient. kind='softmax' only."""
+  x: Any
+  y: Any
+  scale: Any
+  weight: Any
+
+
 class _Items(NamedTuple):
   """Embeddings and what the loss must know of each: group id (equal ids are positive
-  pairs), domain (indexes per-domain-pair scale and bias) and position in the whole set
-  (matches an anchor with itself for `exclude_self`; -1 marks block padding)."""
+  pairs), domain (indexes per-domain-pair scale and bias), position in the whole set
+  (matches an anchor with itself for `exclude_self`), validity (False also for block
+  padding) and, with a teacher, the teacher's embedding (the rows' pre-scaled)."""
   emb: jax.Array  # float32 [K, D]
   ids: jax.Array  # int32 [K]
   dom: jax.Array  # int32 [K]
   index: jax.Array  # int32 [K]
+  valid: jax.Array  # bool [K]
+  teacher: Any = None  # float32 [K, Dt] or None
 
 
 class _Options(NamedTuple):
   kind: str
   label_smoothing: float
   exclude_self: bool
+  symmetric: bool
+  stop_grad_cols: bool
 
 
 def contrastive_loss(x, y, *, scale, bias=0.0, kind='softmax', label_smoothing=0.0,
                      row_ids=None, col_ids=None, row_domains=None, col_domains=None,
                      exclude_self=False, symmetric=True, stop_grad_cols=False,
-                     strategy='dense', block_size=None, mesh=None, batch_axes=None):
+                     strategy='dense', block_size=None, mesh=None, batch_axes=None,
+                     row_valid=None, col_valid=None, teacher=None):
   """Contrastive loss of anchors x [N, D] against candidates y [M, D] (a scalar).
 
   Args:
@@ -79,23 +107,36 @@ def contrastive_loss(x, y, *, scale, bias=0.0, kind='softmax', label_smoothing=0
     block_size: candidates per block for 'chunked' (required) and, when set, within
       each device for 'sharded'; unused by 'dense'.
     mesh, batch_axes: for 'sharded', see `resolve_batch_mesh`.
+    row_valid, col_valid: bool [N], [M]; None: all valid. Invalid items are neither
+      anchors nor candidates; each direction averages over its valid anchors.
+    teacher: a `Teacher` whose softmax enters the targets (kind='softmax').
   """
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
   scale, bias = jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)
   check_options(kind, label_smoothing, strategy, block_size)
-  _check_args(x, y, scale, bias, row_ids, col_ids, row_domains, col_domains, exclude_self)
-  rows = _items(x, row_ids, row_domains)
-  cols = _items(y, col_ids, col_domains)
-  opts = _Options(kind, float(label_smoothing), bool(exclude_self))
-  local = functools.partial(_direction_sums, opts=opts, symmetric=symmetric,
-                            stop_grad_cols=stop_grad_cols,
-                            block_size=None if strategy == 'dense' else block_size)
+  _check_args(x, y, scale, bias, row_ids, col_ids, row_domains, col_domains, exclude_self,
+              row_valid, col_valid)
+  _check_teacher(teacher, kind, x, y)
+  rows = _items(x, row_ids, row_domains, row_valid)
+  cols = _items(y, col_ids, col_domains, col_valid)
+  weight = jnp.float32(0.0)
+  if teacher is not None:
+    t_scale = jax.lax.stop_gradient(jnp.asarray(teacher.scale, jnp.float32))
+    rows = rows._replace(teacher=jax.lax.stop_gradient(
+        t_scale * jnp.asarray(teacher.x, jnp.float32)))
+    cols = cols._replace(teacher=jax.lax.stop_gradient(jnp.asarray(teacher.y, jnp.float32)))
+    weight = jax.lax.stop_gradient(jnp.asarray(teacher.weight, jnp.float32))
+  opts = _Options(kind, float(label_smoothing), bool(exclude_self), bool(symmetric),
+                  bool(stop_grad_cols))
+  block_size = None if strategy == 'dense' else block_size
   if strategy == 'sharded':
-    sums = _sharded(local, rows, cols, scale, bias, *resolve_batch_mesh(mesh, batch_axes))
+    sums = _sharded(opts, block_size, rows, cols, scale, bias, weight,
+                    *resolve_batch_mesh(mesh, batch_axes))
   else:
-    sums = local(rows, cols, rows, cols, scale, bias)
-  counts = (x.shape[0], y.shape[0])
-  return sum(total / count for total, count in zip(sums, counts)) / len(sums)
+    sums = _summed_losses(opts, block_size, rows, cols, scale, bias, weight)
+  counts = [jnp.sum(items.valid) for items in (rows, cols)]
+  terms = [total / jnp.maximum(count, 1) for total, count in zip(sums, counts)]
+  return sum(terms) / len(terms)
 
 
 def resolve_batch_mesh(mesh=None, batch_axes=None):
@@ -139,7 +180,8 @@ def check_options(kind, label_smoothing=0.0, strategy='dense', block_size=None):
     raise ValueError(f'block_size must be a positive int, got {block_size!r}')
 
 
-def _check_args(x, y, scale, bias, row_ids, col_ids, row_domains, col_domains, exclude_self):
+def _check_args(x, y, scale, bias, row_ids, col_ids, row_domains, col_domains, exclude_self,
+                row_valid, col_valid):
   if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
     raise ValueError(f'x and y must be [N, D] and [M, D], got {x.shape} and {y.shape}')
   if x.shape[0] < 1 or y.shape[0] < 1 + exclude_self:
@@ -162,217 +204,309 @@ def _check_args(x, y, scale, bias, row_ids, col_ids, row_domains, col_domains, e
                             not jnp.issubdtype(jnp.result_type(ids), jnp.integer)):
       raise ValueError(f'{name} must be integers of shape ({n},), got '
                        f'{jnp.result_type(ids)} {jnp.shape(ids)}')
+  for name, valid, n in (('row_valid', row_valid, x.shape[0]),
+                         ('col_valid', col_valid, y.shape[0])):
+    if valid is not None and (jnp.shape(valid) != (n,) or
+                              jnp.result_type(valid) != jnp.bool_):
+      raise ValueError(f'{name} must be booleans of shape ({n},), got '
+                       f'{jnp.result_type(valid)} {jnp.shape(valid)}')
 
 
-def _items(emb, ids, domains):
+def _check_teacher(teacher, kind, x, y):
+  if teacher is None:
+    return
+  if kind != 'softmax':
+    raise ValueError(f"teacher targets apply to kind='softmax' only, not {kind!r}")
+  tx, ty = jnp.shape(teacher.x), jnp.shape(teacher.y)
+  if len(tx) != 2 or len(ty) != 2 or tx[1] != ty[1] or (tx[0], ty[0]) != (x.shape[0],
+                                                                          y.shape[0]):
+    raise ValueError(f'teacher.x and teacher.y must be [N, Dt] and [M, Dt] with N, M = '
+                     f'{x.shape[0]}, {y.shape[0]}, got {tx} and {ty}')
+  if jnp.ndim(teacher.scale) or jnp.ndim(teacher.weight):
+    raise ValueError('teacher.scale and teacher.weight must be scalars')
+  if isinstance(teacher.weight, (int, float)) and not 0.0 <= teacher.weight <= 1.0:
+    raise ValueError(f'teacher.weight must be in [0, 1], got {teacher.weight}')
+
+
+def _items(emb, ids, domains, valid):
   position = jnp.arange(emb.shape[0], dtype=jnp.int32)
   return _Items(emb,
                 position if ids is None else jnp.asarray(ids, jnp.int32),
                 jnp.zeros_like(position) if domains is None else jnp.asarray(domains, jnp.int32),
-                position)
+                position,
+                jnp.ones(emb.shape[:1], bool) if valid is None else jnp.asarray(valid, bool))
 
 
 # ----------------------------------------------------------------------------------------
-# One block of logits, and what each kind sums over a block.
+# One block of logits.
 # ----------------------------------------------------------------------------------------
 def _per_pair(param, a, c):
   return param if param.ndim == 0 else param[a.dom[:, None], c.dom[None, :]]
 
 
 def _scores(a, c, scale, bias, opts):
-  """Logits [n, b] of anchors a against candidates c, and their positive and negative
-  masks (padding and, with exclude_self, the anchor itself are in neither)."""
-  s = _per_pair(scale, a, c) * (a.emb @ c.emb.T - _per_pair(bias, a, c))
-  keep = jnp.broadcast_to(c.index[None, :] >= 0, s.shape)
+  """One block [n, b] of anchors a against candidates c: the logits that feed the rows'
+  statistics and those that feed the columns' (the same values; with stop_grad_cols each
+  passes gradient to its own anchors only, and XLA merges the two products), the
+  teacher's logits (or None), and the positive and negative masks (invalid items and,
+  with exclude_self, the pair (i, i) are in neither)."""
+  def logits(a_emb, c_emb):
+    return _per_pair(scale, a, c) * (a_emb @ c_emb.T - _per_pair(bias, a, c))
+  if opts.stop_grad_cols:
+    s_rows = logits(a.emb, jax.lax.stop_gradient(c.emb))
+    s_cols = logits(jax.lax.stop_gradient(a.emb), c.emb)
+  else:
+    s_rows = s_cols = logits(a.emb, c.emb)
+  t = None if a.teacher is None else a.teacher @ c.teacher.T
+  keep = a.valid[:, None] & c.valid[None, :]
   if opts.exclude_self:
     keep &= a.index[:, None] != c.index[None, :]
   pos = keep & (a.ids[:, None] == c.ids[None, :])
-  return s, pos, keep & ~pos
+  return s_rows, s_cols, t, pos, keep & ~pos
 
 
 def _masked_sum(values, mask):
   return jnp.sum(jnp.where(mask, values, 0.0), axis=1)
 
 
-def _masked_exp(s, mask, ref):
-  """exp(s - ref) where mask, else exactly 0, also in the gradient (masked entries of
-  s - ref may overflow)."""
-  return jnp.exp(jnp.where(mask, s - ref[:, None], -jnp.inf))
-
-
-def _lse_add(acc, s, mask):
-  """Online log-sum-exp: fold a block into acc = (running max, sum of exp(s - max))."""
-  peak, total = acc
-  new_peak = jax.lax.stop_gradient(
-      jnp.maximum(peak, jnp.max(jnp.where(mask, s, _FLOOR), axis=1)))
-  return new_peak, total * jnp.exp(peak - new_peak) + jnp.sum(_masked_exp(s, mask, new_peak), 1)
-
-
-def _lse_init(zeros):
-  return zeros + _FLOOR, zeros
-
-
-def _lse_value(acc):
-  """The log-sum-exp; _FLOOR for an empty set rather than -inf, whose gradient is NaN
-  (a non-empty total is >= 1: its largest term is exp(0))."""
-  peak, total = acc
-  return peak + jnp.log(jnp.maximum(total, 1.0))
-
-
-def _sigmoid_pairs(s, pos, neg):
-  return _masked_sum(jax.nn.softplus(-s), pos) + _masked_sum(jax.nn.softplus(s), neg)
-
-
-def _target_weights(stats, alpha):
-  """Softmax target mass of each positive and of each negative, per anchor."""
-  return ((1.0 - alpha) / jnp.maximum(stats['n_pos'], 1.0),
-          alpha / jnp.maximum(stats['n_neg'], 1.0))
+def _count(mask):
+  return jnp.sum(mask, axis=1, dtype=jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------
-# Per-anchor statistics (streamed over candidate blocks), losses and gradients.
+# Online log-sum-exp: partial sums over disjoint candidate sets, merged by rescaling.
 # ----------------------------------------------------------------------------------------
-def _anchor_stats(a, fold, scores, opts):
-  """Per-anchor sums over all candidates, enough to give each anchor's loss.
-
-  fold(step, init) runs step(acc, candidate_block) over the candidate blocks;
-  scores(candidate_block) gives the block's logits and masks.
-  """
-  zeros = jnp.zeros_like(a.ids, jnp.float32)  # under shard_map, varying like the anchors
-  if opts.kind == 'sigmoid':
-    return fold(lambda acc, c: {'pairs': acc['pairs'] + _sigmoid_pairs(*scores(c))},
-                {'pairs': zeros})
-
-  if opts.kind == 'softmax':
-    def softmax_step(acc, c):
-      s, pos, neg = scores(c)
-      return {'lse': _lse_add(acc['lse'], s, pos | neg),
-              'n_pos': acc['n_pos'] + pos.sum(1), 'n_neg': acc['n_neg'] + neg.sum(1),
-              's_pos': acc['s_pos'] + _masked_sum(s, pos),
-              's_neg': acc['s_neg'] + _masked_sum(s, neg)}
-    stats = fold(softmax_step, {'lse': _lse_init(zeros), 'n_pos': zeros, 'n_neg': zeros,
-                                's_pos': zeros, 's_neg': zeros})
-    return {**stats, 'lse': _lse_value(stats['lse'])}
-
-  # mpnce: the log-sum-exp over negatives first, then one term per positive.
-  def negatives_step(acc, c):
-    s, pos, neg = scores(c)
-    return {'neg_lse': _lse_add(acc['neg_lse'], s, neg), 'n_pos': acc['n_pos'] + pos.sum(1)}
-  first = fold(negatives_step, {'neg_lse': _lse_init(zeros), 'n_pos': zeros})
-  neg_lse = _lse_value(first['neg_lse'])
-
-  def positives_step(acc, c):
-    s, pos, _ = scores(c)
-    gap = neg_lse[:, None] - s  # -log(e^s_ip / (e^s_ip + e^neg_lse)) = softplus(gap)
-    return {'terms': acc['terms'] + _masked_sum(jax.nn.softplus(gap), pos),
-            'd_neg_lse': acc['d_neg_lse'] + _masked_sum(jax.nn.sigmoid(gap), pos)}
-  second = fold(positives_step, {'terms': zeros, 'd_neg_lse': zeros})
-  return {'n_pos': first['n_pos'], 'neg_lse': neg_lse, **second}
+class _Online(NamedTuple):
+  """sum_j exp(l_j - peak) and sum_j exp(l_j - peak) * w_j for a few weights w."""
+  peak: jax.Array
+  sums: tuple
 
 
-def _anchor_losses(stats, opts):
-  if opts.kind == 'sigmoid':
-    return stats['pairs']
-  if opts.kind == 'mpnce':
-    return stats['terms'] / jnp.maximum(stats['n_pos'], 1.0)
-  t_pos, t_neg = _target_weights(stats, opts.label_smoothing)
-  lse = stats['lse']
-  return (t_pos * (stats['n_pos'] * lse - stats['s_pos']) +
+def _online(l, mask, peak=None, weights=()):
+  """Per-row _Online over the masked entries of l [n, b]; `peak` given (the final one,
+  when the backward pass recomputes a block) fixes the reference. The peak carries no
+  gradient: the log-sum-exp does not depend on it."""
+  if peak is None:
+    peak = jnp.max(jnp.where(mask, l, _FLOOR), axis=1, initial=_FLOOR)
+  peak = jax.lax.stop_gradient(peak)
+  # exactly 0 where masked, also in the gradient (masked entries of l - peak may overflow)
+  e = jnp.exp(jnp.where(mask, l - peak[:, None], -jnp.inf))
+  return _Online(peak, (jnp.sum(e, 1),) + tuple(jnp.sum(e * w, 1) for w in weights))
+
+
+def _is_online(v):
+  return isinstance(v, _Online)
+
+
+def _merge(a, b):
+  """Statistics of the union of two disjoint candidate sets."""
+  def one(u, v):
+    if not _is_online(u):
+      return u + v
+    peak = jnp.maximum(u.peak, v.peak)
+    return _Online(peak, tuple(p * jnp.exp(u.peak - peak) + q * jnp.exp(v.peak - peak)
+                               for p, q in zip(u.sums, v.sums)))
+  return jax.tree.map(one, a, b, is_leaf=_is_online)
+
+
+def _combine(stats, axes):
+  """Statistics over every device's candidates, from each device's partial ones."""
+  def one(u):
+    if not _is_online(u):
+      return jax.lax.psum(u, axes)
+    peak = jax.lax.pmax(jax.lax.stop_gradient(u.peak), axes)
+    return _Online(peak, tuple(jax.lax.psum(p * jnp.exp(u.peak - peak), axes)
+                               for p in u.sums))
+  return jax.tree.map(one, stats, is_leaf=_is_online)
+
+
+def _peaks(stats):
+  return {k: v.peak for k, v in stats.items() if _is_online(v)}
+
+
+def _log_sum_exp(acc):
+  """peak + log(sum); _FLOOR for an empty set, with zero gradient rather than NaN. Not
+  log(max(sum, 1)): when every term but the largest underflows the sum is exactly 1, and
+  the tie would halve the gradient."""
+  total = acc.sums[0]
+  return acc.peak + jnp.log(jnp.where(total > 0, total, 1.0))
+
+
+# ----------------------------------------------------------------------------------------
+# What each kind sums per anchor over a block of candidates (the rows of s).
+# ----------------------------------------------------------------------------------------
+def _softmax_stats(s, t, pos, neg, extra, peaks):
+  del extra
+  keep = pos | neg
+  stats = {'lse': _online(s, keep, peaks.get('lse')), 'n_pos': _count(pos),
+           'n_neg': _count(neg), 's_pos': _masked_sum(s, pos), 's_neg': _masked_sum(s, neg)}
+  if t is not None:  # the teacher's softmax and its mean of s, in one online pass
+    stats['teacher'] = _online(t, keep, peaks.get('teacher'), weights=(s,))
+  return stats
+
+
+def _mpnce_negatives(s, t, pos, neg, extra, peaks):
+  del t, extra
+  return {'neg': _online(s, neg, peaks.get('neg')), 'n_pos': _count(pos)}
+
+
+def _mpnce_positives(s, t, pos, neg, neg_lse, peaks):
+  """-log(e^s_ip / (e^s_ip + e^neg_lse)) = softplus(neg_lse - s_ip), summed over p."""
+  del t, neg, peaks
+  return {'terms': _masked_sum(jax.nn.softplus(neg_lse[:, None] - s), pos)}
+
+
+def _sigmoid_stats(s, t, pos, neg, extra, peaks):
+  del t, extra, peaks
+  return {'pairs': _masked_sum(jax.nn.softplus(-s), pos) +
+                   _masked_sum(jax.nn.softplus(s), neg)}
+
+
+def _softmax_losses(stats, opts, weight):
+  lse = _log_sum_exp(stats['lse'])
+  t_pos = (1.0 - opts.label_smoothing) / jnp.maximum(stats['n_pos'], 1.0)
+  t_neg = opts.label_smoothing / jnp.maximum(stats['n_neg'], 1.0)
+  hard = (t_pos * (stats['n_pos'] * lse - stats['s_pos']) +
           t_neg * (stats['n_neg'] * lse - stats['s_neg']))
-
-
-def _surrogate(s, pos, neg, stats, opts):
-  """A function of one block's logits whose gradient, with the per-anchor statistics
-  held fixed, is that block's share of the gradient of the summed anchor losses."""
-  if opts.kind == 'sigmoid':
-    return jnp.sum(_sigmoid_pairs(s, pos, neg))
-  if opts.kind == 'mpnce':
-    # d/ds_ip = (sigmoid(s_ip - neg_lse) - 1) / |P|, d/ds_in = d_neg_lse * softmax_neg(s)_n / |P|
-    # where d_neg_lse = sum_p sigmoid(neg_lse - s_ip), the terms' derivative wrt neg_lse.
-    per_pos = 1.0 / jnp.maximum(stats['n_pos'], 1.0)
-    neg_lse = stats['neg_lse']
-    return jnp.sum(per_pos * _masked_sum(jax.nn.softplus(neg_lse[:, None] - s), pos) +
-                   per_pos * stats['d_neg_lse'] * jnp.sum(_masked_exp(s, neg, neg_lse), 1))
-  # softmax: d/ds_ij = (target mass) * softmax(s_i)_j - t_ij.
-  t_pos, t_neg = _target_weights(stats, opts.label_smoothing)
-  mass = t_pos * stats['n_pos'] + t_neg * stats['n_neg']
-  return jnp.sum(mass * jnp.sum(_masked_exp(s, pos | neg, stats['lse']), 1) -
-                 t_pos * _masked_sum(s, pos) - t_neg * _masked_sum(s, neg))
+  if 'teacher' not in stats:
+    return hard
+  total, weighted = stats['teacher'].sums  # -sum_j q_j log p_j = lse - sum_j q_j s_j
+  some = total > 0
+  soft = jnp.where(some, lse - weighted / jnp.where(some, total, 1.0), 0.0)
+  return weight * soft + (1.0 - weight) * hard
 
 
 # ----------------------------------------------------------------------------------------
-# Strategies: the summed anchor losses of one direction.
+# The statistics of all anchors of both directions, from one pass over the blocks.
 # ----------------------------------------------------------------------------------------
-def _dense_sum(a, c, scale, bias, opts):
-  scores = lambda block: _scores(a, block, scale, bias, opts)
-  return jnp.sum(_anchor_losses(_anchor_stats(a, lambda step, acc: step(acc, c), scores,
-                                              opts), opts))
+def _block_stats(stats_fn, opts, rows, block, scale, bias, row_extra, block_extra,
+                 row_peaks=None, col_peaks=None):
+  """Rows' statistics over this block's candidates and (symmetric) the block columns'
+  statistics over all rows, from one computation of the block's logits."""
+  s_rows, s_cols, t, pos, neg = _scores(rows, block, scale, bias, opts)
+  row = stats_fn(s_rows, t, pos, neg, row_extra, row_peaks or {})
+  if not opts.symmetric:
+    return row, None
+  return row, stats_fn(s_cols.T, None if t is None else t.T, pos.T, neg.T, block_extra,
+                       col_peaks or {})
 
 
-def _blocks(c, block_size):
-  """Candidates as [num_blocks, block_size, ...], the last block padded (index -1)."""
-  pad = -c.emb.shape[0] % block_size
-  padded = _Items(*(jnp.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1),
-                            constant_values=-1 if name == 'index' else 0)
-                    for name, v in zip(_Items._fields, c)))
-  return jax.tree.map(lambda v: v.reshape(-1, block_size, *v.shape[1:]), padded)
+def _blocked(tree, block_size):
+  """Arrays [M, ...] as [num_blocks, block_size, ...], the last block zero-padded
+  (padding is invalid: `valid` pads with False)."""
+  def one(v):
+    pad = -v.shape[0] % block_size
+    v = jnp.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1))
+    return v.reshape(-1, block_size, *v.shape[1:])
+  return jax.tree.map(one, tree)
 
 
-def _scan(blocks):
-  return lambda step, acc: jax.lax.scan(lambda a, c: (step(a, c), None), acc, blocks)[0]
+def _unblocked(tree, m):
+  return jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:])[:m], tree)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _chunked_sum(opts, block_size, a, c, scale, bias):
-  return _chunked_fwd(opts, block_size, a, c, scale, bias)[0]
+def _stats(stats_fn, opts, block_size, rows, cols, scale, bias, row_extra, col_extra):
+  """(Rows' statistics over all of cols, cols' statistics over these rows or None)."""
+  if block_size is None:
+    return _block_stats(stats_fn, opts, rows, cols, scale, bias, row_extra, col_extra)
+  return _streamed(stats_fn, opts, block_size, rows, cols, scale, bias, row_extra,
+                   col_extra)
 
 
-def _chunked_fwd(opts, block_size, a, c, scale, bias):
-  stats = _anchor_stats(a, _scan(_blocks(c, block_size)),
-                        lambda b: _scores(a, b, scale, bias, opts), opts)
-  return jnp.sum(_anchor_losses(stats, opts)), (a, c, scale, bias, stats)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _streamed(stats_fn, opts, block_size, rows, cols, scale, bias, row_extra, col_extra):
+  return _streamed_fwd(stats_fn, opts, block_size, rows, cols, scale, bias, row_extra,
+                       col_extra)[0]
 
 
-def _chunked_bwd(opts, block_size, residuals, g):
-  """Recompute each block's logits and pull the gradient back through them."""
-  a, c, scale, bias, stats = residuals
+def _streamed_fwd(stats_fn, opts, block_size, rows, cols, scale, bias, row_extra, col_extra):
+  """The rows' statistics accumulate online over the column blocks; each block's columns
+  see every row at once, so their statistics are complete within the block."""
+  empty = jax.tree.map(lambda v: v[:0], (cols, col_extra))
+  init, _ = _block_stats(stats_fn, opts, rows, *empty[:1], scale, bias, row_extra, empty[1])
 
-  def block_surrogate(a_emb, block_emb, scale, bias, block):
-    s, pos, neg = _scores(a._replace(emb=a_emb), block._replace(emb=block_emb), scale,
-                          bias, opts)
-    return g * _surrogate(s, pos, neg, stats, opts)
-  block_grad = jax.grad(block_surrogate, argnums=(0, 1, 2, 3))
-
-  def step(acc, block):
-    d_a, d_block, d_scale, d_bias = block_grad(a.emb, block.emb, scale, bias, block)
-    return jax.tree.map(jnp.add, acc, (d_a, d_scale, d_bias)), d_block
-  zeros = jax.tree.map(jnp.zeros_like, (a.emb, scale, bias))
-  (d_a, d_scale, d_bias), d_c = jax.lax.scan(step, zeros, _blocks(c, block_size))
-  d_c = d_c.reshape(-1, d_c.shape[-1])[:c.emb.shape[0]]
-  no_grad = dict(ids=None, dom=None, index=None)
-  return _Items(d_a, **no_grad), _Items(d_c, **no_grad), d_scale, d_bias
+  def step(acc, xs):
+    row, col = _block_stats(stats_fn, opts, rows, *xs[:1], scale, bias, row_extra, xs[1])
+    return _merge(acc, row), col
+  row_stats, col_stats = jax.lax.scan(step, init, _blocked((cols, col_extra), block_size))
+  stats = (row_stats, _unblocked(col_stats, cols.emb.shape[0]))
+  return stats, (rows, cols, scale, bias, row_extra, col_extra, stats)
 
 
-_chunked_sum.defvjp(_chunked_fwd, _chunked_bwd)
+def _streamed_bwd(stats_fn, opts, block_size, residuals, cotangents):
+  """Recompute each block's logits once and pull the cotangents of both directions'
+  statistics back through them; the blocks' sums are taken against the final peaks, so
+  their gradient is that of the rescaled, merged sums."""
+  rows, cols, scale, bias, row_extra, col_extra, (row_stats, col_stats) = residuals
+  ct_rows, ct_cols = cotangents
+  row_peaks = _peaks(row_stats)
+  inner = lambda ct, stats: sum(jnp.sum(c * v) for c, v in zip(jax.tree.leaves(ct),
+                                                                 jax.tree.leaves(stats)))
+
+  def surrogate(row_emb, block_emb, scale, bias, row_extra, block_extra, block, col_peaks,
+                ct_block):
+    row, col = _block_stats(stats_fn, opts, rows._replace(emb=row_emb),
+                            block._replace(emb=block_emb), scale, bias, row_extra,
+                            block_extra, row_peaks, col_peaks)
+    return inner(ct_rows, row) + (0.0 if col is None else inner(ct_block, col))
+  block_grad = jax.grad(surrogate, argnums=(0, 1, 2, 3, 4, 5))
+
+  def step(acc, xs):
+    block, block_extra, col_peaks, ct_block = xs
+    d_rows, d_block, d_scale, d_bias, d_row_extra, d_block_extra = block_grad(
+        rows.emb, block.emb, scale, bias, row_extra, block_extra, block, col_peaks, ct_block)
+    return (jax.tree.map(jnp.add, acc, (d_rows, d_scale, d_bias, d_row_extra)),
+            (d_block, d_block_extra))
+  zeros = jax.tree.map(jnp.zeros_like, (rows.emb, scale, bias, row_extra))
+  col_peaks = None if col_stats is None else _peaks(col_stats)
+  xs = _blocked((cols, col_extra, col_peaks, ct_cols), block_size)
+  (d_rows, d_scale, d_bias, d_row_extra), d_cols = jax.lax.scan(step, zeros, xs)
+  d_cols, d_col_extra = _unblocked(d_cols, cols.emb.shape[0])
+  no_grad = dict(ids=None, dom=None, index=None, valid=None, teacher=None)
+  return (_Items(d_rows, **no_grad), _Items(d_cols, **no_grad), d_scale, d_bias,
+          d_row_extra, d_col_extra)
 
 
-def _direction_sums(row_anchors, col_anchors, rows, cols, scale, bias, *, opts, symmetric,
-                    stop_grad_cols, block_size):
-  """Summed anchor losses x->y (and y->x): anchors against all candidates."""
-  def one_direction(anchors, candidates, scale, bias):
-    if block_size is None:
-      return _dense_sum(anchors, candidates, scale, bias, opts)
-    return _chunked_sum(opts, block_size, anchors, candidates, scale, bias)
-
-  def fixed(items):
-    return items._replace(emb=jax.lax.stop_gradient(items.emb)) if stop_grad_cols else items
-  sums = [one_direction(row_anchors, fixed(cols), scale, bias)]
-  if symmetric:
-    sums.append(one_direction(col_anchors, fixed(rows), scale.T, bias.T))
-  return sums
+_streamed.defvjp(_streamed_fwd, _streamed_bwd)
 
 
-def _sharded(local, rows, cols, scale, bias, mesh, batch_axes):
+def _anchor_losses(opts, block_size, rows, cols, scale, bias, weight, axes=None):
+  """[the rows' per-anchor losses] (+ [the columns'] when symmetric). Under shard_map
+  (axes), rows are this device's and cols all of them; the columns' statistics are
+  combined across devices, so every device has all of the columns' losses."""
+  def run(stats_fn, row_extra=None, col_extra=None):
+    row, col = _stats(stats_fn, opts, block_size, rows, cols, scale, bias, row_extra,
+                      col_extra)
+    return row, (col if col is None or axes is None else _combine(col, axes))
+
+  if opts.kind == 'mpnce':  # the log-sum-exp over negatives first, then the positives
+    first = run(_mpnce_negatives)
+    neg_lse = [None if f is None else _log_sum_exp(f['neg']) for f in first]
+    second = run(_mpnce_positives, *neg_lse)
+    losses = [None if f is None else s['terms'] / jnp.maximum(f['n_pos'], 1.0)
+              for f, s in zip(first, second)]
+  elif opts.kind == 'sigmoid':
+    losses = [None if s is None else s['pairs'] for s in run(_sigmoid_stats)]
+  else:
+    losses = [None if s is None else _softmax_losses(s, opts, weight)
+              for s in run(_softmax_stats)]
+  return [loss for loss in losses if loss is not None]
+
+
+def _valid_sums(losses, rows, cols):
+  return [jnp.sum(jnp.where(items.valid, loss, 0.0)) for items, loss in zip((rows, cols),
+                                                                           losses)]
+
+
+def _summed_losses(opts, block_size, rows, cols, scale, bias, weight):
+  return _valid_sums(_anchor_losses(opts, block_size, rows, cols, scale, bias, weight),
+                     rows, cols)
+
+
+def _sharded(opts, block_size, rows, cols, scale, bias, weight, mesh, batch_axes):
+  """Each device: its rows against all columns, all-gathered. XLA merges identical
+  gathers, so an array that several terms of one jitted objective use is gathered once;
+  the gather's transpose reduce-scatters the columns' gradients to their devices."""
   shards = math.prod(mesh.shape[a] for a in batch_axes)
   if rows.emb.shape[0] % shards or cols.emb.shape[0] % shards:
     raise ValueError(f"strategy='sharded' needs N and M divisible by the {shards} shards "
@@ -382,12 +516,16 @@ def _sharded(local, rows, cols, scale, bias, mesh, batch_axes):
     rows, cols = jax.tree.map(lambda v: jax.reshard(v, NamedSharding(mesh, spec)),
                               (rows, cols))
 
-  def per_device(row_anchors, col_anchors, scale, bias):
-    gather = lambda items: jax.tree.map(
-        lambda v: jax.lax.all_gather(v, batch_axes, tiled=True), items)
-    sums = local(row_anchors, col_anchors, gather(row_anchors), gather(col_anchors),
-                 scale, bias)
-    return [jax.lax.psum(total, batch_axes) for total in sums]
-  return jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, PartitionSpec(),
-                                                        PartitionSpec()),
-                       out_specs=PartitionSpec())(rows, cols, scale, bias)
+  def per_device(rows, cols, scale, bias, weight):
+    gathered = jax.tree.map(lambda v: jax.lax.all_gather(v, batch_axes, tiled=True), cols)
+    losses = _anchor_losses(opts, block_size, rows, gathered, scale, bias, weight,
+                            batch_axes)
+    if len(losses) == 2:  # each device sums its own columns' losses
+      m = cols.emb.shape[0]
+      losses[1] = jax.lax.dynamic_slice_in_dim(
+          losses[1], jax.lax.axis_index(batch_axes) * m, m)
+    return [jax.lax.psum(total, batch_axes) for total in _valid_sums(losses, rows, cols)]
+  return jax.shard_map(per_device, mesh=mesh,
+                       in_specs=(spec, spec, PartitionSpec(), PartitionSpec(),
+                                 PartitionSpec()),
+                       out_specs=PartitionSpec())(rows, cols, scale, bias, weight)
