@@ -2,6 +2,7 @@ r"""Time and memory of the contrastive loss and its gradient, per strategy and b
 
   python -m hvla.tools.benchmark_contrastive --n=4096,16384,65536 --d=512 \
       --strategies=dense,chunked,sharded --block=1024 --kind=softmax --repeats=5
+  python -m hvla.tools.benchmark_contrastive --n=16384 --strategies=dense,chunked --two_pass
 
 For every N and strategy, the symmetric `contrastive_loss` of N pairs and its gradient
 with respect to both embedding sets and the logit scale is compiled ahead of time. The
@@ -13,7 +14,9 @@ resident memory during a first, untimed call. A case that does not fit is compil
 which allocates nothing of its size, but never run, and marked so. 'sharded' spreads the
 rows over a 'data' axis of all devices (on a CPU host, 8 fake devices unless XLA_FLAGS
 already sets a count); --block is the candidate block of 'chunked' and, within each
-device, of 'sharded'.
+device, of 'sharded'. --two_pass also measures every strategy the two-pass way: two
+one-way calls (x->y and y->x, summed and halved) instead of the symmetric call, whose
+one pass over the logits feeds both directions.
 """
 import os
 
@@ -44,17 +47,24 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per case; the median 
 _MAX_RUN_GIB = flags.DEFINE_float(
     'max_run_gib', 8.0, 'Run a case only if its compiled memory, summed over the devices '
     'of this process, is at most this many GiB; larger ones are only compiled.')
+_TWO_PASS = flags.DEFINE_bool(
+    'two_pass', False, 'Also measure each strategy as two one-way calls (x->y, y->x).')
 _JSON = flags.DEFINE_string('json', None, 'Also write the results to this file.')
 
 GIB = 2**30
 
 
-def loss_and_grads(strategy, *, kind='softmax', block_size=None, mesh=None):
-  """f(x, y, scale) -> (loss, (d_x, d_y, d_scale)) of the symmetric loss, not jitted."""
-  def loss(x, y, scale):
+def loss_and_grads(strategy, *, kind='softmax', block_size=None, mesh=None, two_pass=False):
+  """f(x, y, scale) -> (loss, (d_x, d_y, d_scale)) of the symmetric loss, not jitted;
+  two_pass: as the mean of the one-way losses x->y and y->x, two calls."""
+  def one_call(x, y, scale, symmetric):
     return contrastive.contrastive_loss(
-        x, y, scale=scale, kind=kind, strategy=strategy, mesh=mesh,
+        x, y, scale=scale, kind=kind, strategy=strategy, mesh=mesh, symmetric=symmetric,
         block_size=None if strategy == 'dense' else block_size)
+  def loss(x, y, scale):
+    if two_pass:
+      return (one_call(x, y, scale, False) + one_call(y, x, scale, False)) / 2
+    return one_call(x, y, scale, True)
   return jax.value_and_grad(loss, argnums=(0, 1, 2))
 
 
@@ -72,14 +82,16 @@ def input_shardings(strategy, mesh=None):
   return rows, rows, NamedSharding(mesh, PartitionSpec())
 
 
-def compile_case(n, d, strategy, *, kind='softmax', block_size=None, mesh=None):
+def compile_case(n, d, strategy, *, kind='softmax', block_size=None, mesh=None,
+                 two_pass=False):
   """(executable, compile seconds) of one case, compiled ahead of time from shapes."""
   if strategy == 'sharded' and mesh is None:
     mesh = row_mesh()
   shardings = input_shardings(strategy, mesh)
   specs = [jax.ShapeDtypeStruct(shape, jnp.float32, sharding=s)
            for shape, s in zip(((n, d), (n, d), ()), shardings)]
-  jitted = jax.jit(loss_and_grads(strategy, kind=kind, block_size=block_size, mesh=mesh))
+  jitted = jax.jit(loss_and_grads(strategy, kind=kind, block_size=block_size, mesh=mesh,
+                                  two_pass=two_pass))
   start = time.perf_counter()
   compiled = jitted.lower(*specs).compile()
   return compiled, time.perf_counter() - start
@@ -124,22 +136,26 @@ def _status_bytes(field):
 
 
 def measure(n, d, strategies, *, kind='softmax', block_size=None, repeats=5,
-            max_run_bytes=8 * GIB, mesh=None):
-  """One result per strategy at N = n: compile time, memory per device and, when the
-  case fits `max_run_bytes` over all devices, the seconds of `repeats` calls and the
-  rise of resident memory during its first, untimed call.
+            max_run_bytes=8 * GIB, mesh=None, two_pass=False):
+  """One result per strategy at N = n (with two_pass, two: the symmetric call, then two
+  one-way calls): compile time, memory per device and, when the case fits
+  `max_run_bytes` over all devices, the seconds of `repeats` calls and the rise of
+  resident memory during its first, untimed call.
 
-  The timed calls alternate between the strategies (one call of each in turn), so a
-  change in the machine's load hits them alike and their ratios stay meaningful.
+  The timed calls alternate between the cases (one call of each in turn), so a change
+  in the machine's load hits them alike and their ratios stay meaningful.
   """
   results, calls, inputs = [], [], {}
-  for strategy in strategies:
+  cases = [(strategy, passes) for strategy in strategies
+           for passes in ((False, True) if two_pass else (False,))]
+  for strategy, passes in cases:
     compiled, compile_seconds = compile_case(n, d, strategy, kind=kind,
-                                             block_size=block_size, mesh=mesh)
+                                             block_size=block_size, mesh=mesh,
+                                             two_pass=passes)
     shardings = compiled.input_shardings[0]
     memory = benchmark.memory_report(compiled)
     devices = len(shardings[0].device_set)
-    result = {'n': n, 'd': d, 'strategy': strategy, 'kind': kind,
+    result = {'n': n, 'd': d, 'strategy': strategy, 'two_pass': passes, 'kind': kind,
               'block': None if strategy == 'dense' else block_size, 'devices': devices,
               'compile_seconds': compile_seconds, 'memory_per_device': memory,
               'ran': memory['peak'] * devices <= max_run_bytes}
@@ -163,17 +179,18 @@ def measure(n, d, strategies, *, kind='softmax', block_size=None, repeats=5,
 
 
 def format_table(results):
-  """A markdown table of `measure` results, each time also as a ratio to the dense time
-  of the same N where dense ran."""
+  """A markdown table of `measure` results, each time also as a ratio to the (one-pass)
+  dense time of the same N where dense ran; two-pass cases are marked as such."""
   gib = lambda b: f'{b / GIB:.2f}'  # noqa: E731
   dense = {r['n']: r['seconds_median'] for r in results
-           if r['strategy'] == 'dense' and r['ran']}
+           if r['strategy'] == 'dense' and not r.get('two_pass') and r['ran']}
   lines = ['| N | strategy | block | devices | compile s | memory/device GiB (temp, args, '
            'out) | memory all devices GiB | median s (runs) | vs dense | RSS rise GiB |',
            '|---' * 10 + '|']
   for r in results:
     mem = r['memory_per_device']
-    row = [str(r['n']), r['strategy'], str(r['block'] or '-'), str(r['devices']),
+    name = r['strategy'] + (', two-pass' if r.get('two_pass') else '')
+    row = [str(r['n']), name, str(r['block'] or '-'), str(r['devices']),
            f"{r['compile_seconds']:.1f}",
            f"{gib(mem['peak'])} ({gib(mem['temp'])}, {gib(mem['argument'])}, "
            f"{gib(mem['output'])})", gib(mem['peak'] * r['devices'])]
@@ -193,9 +210,9 @@ def main(argv):
   for n in (int(v) for v in _N.value):
     results += measure(n, _D.value, _STRATEGIES.value, kind=_KIND.value,
                        block_size=_BLOCK.value, repeats=_REPEATS.value,
-                       max_run_bytes=_MAX_RUN_GIB.value * GIB)
-    print('\n'.join(format_table(results).splitlines()[-len(_STRATEGIES.value):]),
-          flush=True)
+                       max_run_bytes=_MAX_RUN_GIB.value * GIB, two_pass=_TWO_PASS.value)
+    cases = len(_STRATEGIES.value) * (2 if _TWO_PASS.value else 1)
+    print('\n'.join(format_table(results).splitlines()[-cases:]), flush=True)
   print(f'\n{jax.device_count()} x {jax.devices()[0].device_kind}, D={_D.value}, '
         f'kind={_KIND.value}\n' + format_table(results))
   if _JSON.value:
