@@ -35,11 +35,11 @@ from tqdm import auto as tqdm
 from hvla.data import ops
 from hvla.data import writer
 
-FORMATS = ('rows', 'webdataset', 'tfrecord')
-IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')
+FORMATS = ("rows", "webdataset", "tfrecord")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _DEFAULT_KEYS = {  # Candidate feature / column names, first present wins.
-    'image': ('image', 'image/encoded', 'jpg', 'filepath', 'file', 'path', 'url'),
-    'caption': ('caption', 'image/text', 'text', 'txt', 'title'),
+    "image": ("image", "image/encoded", "jpg", "filepath", "file", "path", "url"),
+    "caption": ("caption", "image/text", "text", "txt", "title"),
 }
 _EXAMPLES_PER_REASON = 5  # Skipped keys listed in the report per reason.
 
@@ -48,7 +48,7 @@ _EXAMPLES_PER_REASON = 5  # Skipped keys listed in the report per reason.
 class Options:
   out_dir: str
   name: str
-  split: str = 'train'
+  split: str = "train"
   image_dir: str | None = None  # rows: image paths are relative to it.
   image_key: str | None = None  # None: the first of _DEFAULT_KEYS['image'] present.
   caption_key: str | None = None
@@ -71,21 +71,21 @@ class Task:
 
 def detect_format(path):
   lower = path.lower()
-  if lower.endswith(('.jsonl', '.json', '.csv', '.tsv')):
-    return 'rows'
-  if lower.endswith('.tar'):
-    return 'webdataset'
-  if re.search(r'\.tfrecords?|\.tfrec', lower):
-    return 'tfrecord'
-  raise ValueError(f'cannot tell the format of {path!r}; pass format= one of {FORMATS}')
+  if lower.endswith((".jsonl", ".json", ".csv", ".tsv")):
+    return "rows"
+  if lower.endswith(".tar"):
+    return "webdataset"
+  if re.search(r"\.tfrecords?|\.tfrec", lower):
+    return "tfrecord"
+  raise ValueError(f"cannot tell the format of {path!r}; pass format= one of {FORMATS}")
 
 
 def _read_rows(path):
-  if path.lower().endswith(('.jsonl', '.json')):
+  if path.lower().endswith((".jsonl", ".json")):
     with open(path) as f:
       return [json.loads(line) for line in f if line.strip()]
-  with open(path, newline='') as f:
-    return list(csv.DictReader(f, delimiter='\t' if path.lower().endswith('.tsv') else ','))
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f, delimiter="\t" if path.lower().endswith(".tsv") else ","))
 
 
 def group_rows(rows, image_key=None):
@@ -97,8 +97,8 @@ def group_rows(rows, image_key=None):
   """
   groups = {}
   for i, row in enumerate(rows):
-    image = _pick(row, image_key, 'image')
-    groups.setdefault((image, row.get('key')) if image else i, []).append(row)
+    image = _pick(row, image_key, "image")
+    groups.setdefault((image, row.get("key")) if image else i, []).append(row)
   return [tuple(group) for group in groups.values()]
 
 
@@ -106,13 +106,13 @@ def plan(inputs, fmt=None, shard_size=5000, image_key=None):
   """Splits the inputs into tasks, one per output shard, in a fixed order."""
   inputs = sorted(inputs)
   if not inputs:
-    raise ValueError('no input files')
+    raise ValueError("no input files")
   fmt = fmt or detect_format(inputs[0])
   if fmt not in FORMATS:
-    raise ValueError(f'format {fmt!r} is not one of {FORMATS}')
+    raise ValueError(f"format {fmt!r} is not one of {FORMATS}")
   units = []
   for path in inputs:
-    if fmt == 'rows':
+    if fmt == "rows":
       samples = group_rows(_read_rows(path), image_key)
       units += [(path, tuple(samples[i:i + shard_size]))
                 for i in range(0, len(samples), shard_size)]
@@ -134,23 +134,23 @@ def sample_captions(fields, caption_key=None):
   """A sample's non-empty captions: its `captions` list, else its caption (one or a list)."""
   def texts(value):
     values = value if isinstance(value, (list, tuple, np.ndarray)) else [value]
-    values = (v.decode('utf-8', errors='replace') if isinstance(v, bytes) else str(v)
+    values = (v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
               for v in values if v is not None)
     return [v.strip() for v in values if v.strip()]
-  return texts(fields.get('captions')) or texts(_pick(fields, caption_key, 'caption'))
+  return texts(fields.get("captions")) or texts(_pick(fields, caption_key, "caption"))
 
 
 def _rows_samples(task, opts):
   image_dir = opts.image_dir or os.path.dirname(os.path.abspath(task.source))
   for rows in task.rows:  # One sample: the first row's fields, every row's captions.
     captions = [c for r in rows for c in sample_captions(r, opts.caption_key)]
-    row = {**rows[0], 'captions': captions}
-    rel = _pick(row, opts.image_key, 'image')
-    key = str(row.get('key') or (os.path.splitext(os.path.basename(rel))[0] if rel else ''))
+    row = {**rows[0], "captions": captions}
+    rel = _pick(row, opts.image_key, "image")
+    key = str(row.get("key") or (os.path.splitext(os.path.basename(rel))[0] if rel else ""))
     path = os.path.join(image_dir, rel) if rel else None
     data = None
     if path and os.path.isfile(path):
-      with open(path, 'rb') as f:
+      with open(path, "rb") as f:
         data = f.read()
     yield key, data, row
 
@@ -163,8 +163,8 @@ def _webdataset_samples(task, opts):
       if not member.isfile():
         continue
       base = os.path.basename(member.name)
-      prefix = os.path.join(os.path.dirname(member.name), base.split('.', 1)[0])
-      ext = base.split('.', 1)[1].lower() if '.' in base else ''
+      prefix = os.path.join(os.path.dirname(member.name), base.split(".", 1)[0])
+      ext = base.split(".", 1)[1].lower() if "." in base else ""
       if prefix != key and parts:
         yield _webdataset_sample(key, parts)
         parts = {}
@@ -176,13 +176,13 @@ def _webdataset_samples(task, opts):
 
 def _webdataset_sample(key, parts):
   try:
-    fields = json.loads(parts['json']) if 'json' in parts else {}
+    fields = json.loads(parts["json"]) if "json" in parts else {}
   except ValueError:  # Unreadable metadata: the caption may still come from txt.
     fields = {}
-  if 'txt' in parts:
-    fields['caption'] = parts['txt'].decode('utf-8', errors='replace')
+  if "txt" in parts:
+    fields["caption"] = parts["txt"].decode("utf-8", errors="replace")
   image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-  return str(fields.get('key') or key), image, fields
+  return str(fields.get("key") or key), image, fields
 
 
 def _tfrecord_samples(task, opts):
@@ -191,16 +191,16 @@ def _tfrecord_samples(task, opts):
     feature = tf.train.Example.FromString(raw).features.feature
     fields = {}
     for name, value in feature.items():
-      kind = value.WhichOneof('kind')
+      kind = value.WhichOneof("kind")
       values = list(getattr(value, kind).value) if kind else []
       fields[name] = values[0] if len(values) == 1 else values
-    image = _pick(fields, opts.image_key, 'image')
-    key = fields.get('key', fields.get('image/source_id', f'{os.path.basename(task.source)}:{i}'))
+    image = _pick(fields, opts.image_key, "image")
+    key = fields.get("key", fields.get("image/source_id", f"{os.path.basename(task.source)}:{i}"))
     yield key.decode() if isinstance(key, bytes) else str(key), image, fields
 
 
-_READERS = {'rows': _rows_samples, 'webdataset': _webdataset_samples,
-            'tfrecord': _tfrecord_samples}
+_READERS = {"rows": _rows_samples, "webdataset": _webdataset_samples,
+            "tfrecord": _tfrecord_samples}
 
 
 # -------------------------------------------------------------------------------------
@@ -213,10 +213,10 @@ def clean_image(data, opts):
   if opts.max_side and max(img.size) > opts.max_side:
     img = img.copy()
     img.thumbnail((opts.max_side, opts.max_side), Image.BICUBIC)
-  elif img.format in ('JPEG', 'PNG'):  # Decoded as RGB without conversion.
+  elif img.format in ("JPEG", "PNG"):  # Decoded as RGB without conversion.
     return data
   buf = io.BytesIO()
-  img.save(buf, format='JPEG', quality=95)
+  img.save(buf, format="JPEG", quality=95)
   return buf.getvalue()
 
 
@@ -224,9 +224,9 @@ def _array(value, shape, dtype, name):
   try:
     arr = np.asarray(value if value is not None else [], dtype).reshape(-1, *shape)
   except (ValueError, TypeError) as e:
-    raise ops.BadRecord('malformed', f'{name}: {e}') from None
+    raise ops.BadRecord("malformed", f"{name}: {e}") from None
   if not np.all(np.isfinite(arr)):
-    raise ops.BadRecord('malformed', f'{name} has non-finite values')
+    raise ops.BadRecord("malformed", f"{name} has non-finite values")
   return arr
 
 
@@ -234,37 +234,37 @@ def make_record(image, fields, opts):
   """One record of writer.record_features; raises BadRecord when unusable."""
   captions = sample_captions(fields, opts.caption_key)
   if not captions:
-    raise ops.BadRecord('empty_caption')
+    raise ops.BadRecord("empty_caption")
   caption = captions[0]  # Phrases are spans into it.
-  tags = fields.get('tags') or ''
-  rois = fields.get('rois') or {}
-  boxes = _array(rois.get('boxes'), (4,), np.float32, 'rois.boxes')
-  labels = [str(x) for x in rois.get('labels') or []]
-  phrases = _array(fields.get('phrases'), (2,), np.int32, 'phrases')
-  phrase_boxes = _array(fields.get('phrase_boxes'), (4,), np.float32, 'phrase_boxes')
-  for name, b in (('rois.boxes', boxes), ('phrase_boxes', phrase_boxes)):
+  tags = fields.get("tags") or ""
+  rois = fields.get("rois") or {}
+  boxes = _array(rois.get("boxes"), (4,), np.float32, "rois.boxes")
+  labels = [str(x) for x in rois.get("labels") or []]
+  phrases = _array(fields.get("phrases"), (2,), np.int32, "phrases")
+  phrase_boxes = _array(fields.get("phrase_boxes"), (4,), np.float32, "phrase_boxes")
+  for name, b in (("rois.boxes", boxes), ("phrase_boxes", phrase_boxes)):
     if len(b) and (b.min() < 0 or b.max() > 1 or np.any(b[:, 2:] < b[:, :2])):
-      raise ops.BadRecord('malformed', f'{name} must be (x0, y0, x1, y1) in [0, 1]')
+      raise ops.BadRecord("malformed", f"{name} must be (x0, y0, x1, y1) in [0, 1]")
   if labels and len(labels) != len(boxes):
-    raise ops.BadRecord('malformed', 'rois.labels and rois.boxes differ in length')
+    raise ops.BadRecord("malformed", "rois.labels and rois.boxes differ in length")
   if len(phrases) and (phrases.min() < 0 or phrases.max() > len(caption)
                        or np.any(phrases[:, 1] <= phrases[:, 0])):
-    raise ops.BadRecord('malformed', 'phrases must be [start, end) spans in the caption')
+    raise ops.BadRecord("malformed", "phrases must be [start, end) spans in the caption")
   if len(phrase_boxes) not in (0, len(phrases)):
-    raise ops.BadRecord('malformed', 'phrase_boxes needs one box per phrase')
+    raise ops.BadRecord("malformed", "phrase_boxes needs one box per phrase")
   record = dict(
       image=clean_image(image, opts), caption=caption, captions=captions,
-      summary=str(fields.get('summary') or ''),
-      tags=', '.join(tags) if isinstance(tags, list) else str(tags),
-      concepts=[str(c) for c in fields.get('concepts') or []],
-      rois=dict(boxes=boxes, labels=labels or [''] * len(boxes)),
+      summary=str(fields.get("summary") or ""),
+      tags=", ".join(tags) if isinstance(tags, list) else str(tags),
+      concepts=[str(c) for c in fields.get("concepts") or []],
+      rois=dict(boxes=boxes, labels=labels or [""] * len(boxes)),
       phrases=phrases, phrase_boxes=phrase_boxes)
   if opts.roi_feature_dim:
-    feats = _array(rois.get('features'), (opts.roi_feature_dim,), np.float16,
-                   'rois.features')
+    feats = _array(rois.get("features"), (opts.roi_feature_dim,), np.float16,
+                   "rois.features")
     if len(feats) != len(boxes):
-      raise ops.BadRecord('malformed', 'rois.features needs one row per box')
-    record['rois']['features'] = feats
+      raise ops.BadRecord("malformed", "rois.features needs one row per box")
+    record["rois"]["features"] = feats
   return record
 
 
@@ -272,39 +272,39 @@ def _load_sidecar(path):
   if not path:
     return {}
   with open(path) as f:
-    return {str(r['key']): r for r in (json.loads(line) for line in f if line.strip())}
+    return {str(r["key"]): r for r in (json.loads(line) for line in f if line.strip())}
 
 
 def _report_path(opts, task):
   return writer.shard_path(opts.out_dir, opts.name, opts.split, task.index,
-                           task.count) + '.report.json'
+                           task.count) + ".report.json"
 
 
 def run_task(task, opts):
   """Writes one shard and its report (written last: the completion marker)."""
   sidecar = _load_sidecar(opts.sidecar)
-  report = {'written': 0, 'skipped': {}, 'examples': {}}
+  report = {"written": 0, "skipped": {}, "examples": {}}
 
   def records():
     for key, image, fields in _READERS[task.kind](task, opts):
       fields = {**fields, **sidecar.get(key, {})}
-      reason = 'missing_image'
+      reason = "missing_image"
       if image is not None:
         try:
           yield make_record(image, fields, opts)
           continue
         except ops.BadRecord as e:
           reason = e.reason
-      report['skipped'][reason] = report['skipped'].get(reason, 0) + 1
-      keys = report['examples'].setdefault(reason, [])
+      report["skipped"][reason] = report["skipped"].get(reason, 0) + 1
+      keys = report["examples"].setdefault(reason, [])
       if len(keys) < _EXAMPLES_PER_REASON:
         keys.append(key)
 
   features = writer.record_features(opts.roi_feature_dim)
-  report['written'] = writer.write_shard(
+  report["written"] = writer.write_shard(
       writer.shard_path(opts.out_dir, opts.name, opts.split, task.index, task.count),
       features, records())
-  with open(_report_path(opts, task), 'w') as f:
+  with open(_report_path(opts, task), "w") as f:
     json.dump(report, f)
   return report
 
@@ -323,11 +323,11 @@ def build(inputs, opts, *, fmt=None, shard_size=5000, workers=1, progress=True):
   tasks = plan(inputs, fmt, shard_size, opts.image_key)
   todo = [t for t in tasks if not os.path.exists(_report_path(opts, t))]
   if todo:
-    bar = tqdm.tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit='shard',
-                    desc=f'{opts.name}/{opts.split}', disable=not progress)
+    bar = tqdm.tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit="shard",
+                    desc=f"{opts.name}/{opts.split}", disable=not progress)
     jobs = [(t, opts) for t in todo]
     if workers > 1:
-      with multiprocessing.get_context('spawn').Pool(min(workers, len(todo))) as pool:
+      with multiprocessing.get_context("spawn").Pool(min(workers, len(todo))) as pool:
         for _ in pool.imap_unordered(_run_task_star, jobs):
           bar.update()
     else:
@@ -336,41 +336,41 @@ def build(inputs, opts, *, fmt=None, shard_size=5000, workers=1, progress=True):
         bar.update()
     bar.close()
   report = summarize(opts, tasks)
-  report['shards_built'] = len(todo)
+  report["shards_built"] = len(todo)
   _write_info(opts)
-  with open(os.path.join(opts.out_dir, f'{opts.name}-{opts.split}.report.json'), 'w') as f:
+  with open(os.path.join(opts.out_dir, f"{opts.name}-{opts.split}.report.json"), "w") as f:
     json.dump(report, f, indent=2)
   return report
 
 
 def summarize(opts, tasks):
   """Adds up the shard reports of a split."""
-  total = {'split': opts.split, 'written': 0, 'skipped': {}, 'examples': {},
-           'shard_lengths': []}
+  total = {"split": opts.split, "written": 0, "skipped": {}, "examples": {},
+           "shard_lengths": []}
   for task in tasks:
     with open(_report_path(opts, task)) as f:
       r = json.load(f)
-    total['written'] += r['written']
-    total['shard_lengths'].append(r['written'])
-    for reason, n in r['skipped'].items():
-      total['skipped'][reason] = total['skipped'].get(reason, 0) + n
-      keys = total['examples'].setdefault(reason, [])
-      keys += r['examples'][reason][:_EXAMPLES_PER_REASON - len(keys)]
+    total["written"] += r["written"]
+    total["shard_lengths"].append(r["written"])
+    for reason, n in r["skipped"].items():
+      total["skipped"][reason] = total["skipped"].get(reason, 0) + n
+      keys = total["examples"].setdefault(reason, [])
+      keys += r["examples"][reason][:_EXAMPLES_PER_REASON - len(keys)]
   return total
 
 
 def _write_info(opts):
   """dataset_info.json over every split whose shards are all reported."""
-  pattern = re.compile(rf'{re.escape(opts.name)}-(.+)\.{writer.FILE_FORMAT}-(\d+)-of-(\d+)'
-                       r'\.report\.json$')
+  pattern = re.compile(rf"{re.escape(opts.name)}-(.+)\.{writer.FILE_FORMAT}-(\d+)-of-(\d+)"
+                       r"\.report\.json$")
   shards = {}
   for fname in os.listdir(opts.out_dir):
     m = pattern.match(fname)
     if m:
       with open(os.path.join(opts.out_dir, fname)) as f:
-        shards.setdefault(m[1], {})[int(m[2])] = (int(m[3]), json.load(f)['written'])
+        shards.setdefault(m[1], {})[int(m[2])] = (int(m[3]), json.load(f)["written"])
   lengths = {split: [n for _, (_, n) in sorted(found.items())]
              for split, found in shards.items()
              if len(found) == next(iter(found.values()))[0]}
   writer.write_info(opts.out_dir, opts.name, writer.record_features(opts.roi_feature_dim),
-                    lengths, description='Ingested with hvla.tools.build_dataset.')
+                    lengths, description="Ingested with hvla.tools.build_dataset.")

@@ -23,13 +23,13 @@ import warnings
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-AUG_FIELDS = ('crop_x0', 'crop_y0', 'crop_x1', 'crop_y1', 'flip', 'brightness',
-              'contrast', 'saturation', 'hue', 'grayscale', 'blur_sigma')
+AUG_FIELDS = ("crop_x0", "crop_y0", "crop_x1", "crop_y1", "flip", "brightness",
+              "contrast", "saturation", "hue", "grayscale", "blur_sigma")
 _F = {name: i for i, name in enumerate(AUG_FIELDS)}
 
 # Why a record was not used; the order fixes the layout of the per-batch counters.
-BAD_REASONS = ('unreadable', 'malformed', 'undecodable', 'too_small', 'too_large',
-               'bad_aspect', 'empty_caption')
+BAD_REASONS = ("unreadable", "malformed", "undecodable", "too_small", "too_large",
+               "bad_aspect", "empty_caption")
 
 # CLIP's pixel statistics [paper].
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -39,9 +39,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class BadRecord(ValueError):
   """A record that cannot be used; `reason` is one of BAD_REASONS."""
 
-  def __init__(self, reason, detail=''):
+  def __init__(self, reason, detail=""):
     assert reason in BAD_REASONS, reason
-    super().__init__(f'{reason}: {detail}' if detail else reason)
+    super().__init__(f"{reason}: {detail}" if detail else reason)
     self.reason = reason
 
 
@@ -59,45 +59,45 @@ def decode_image(data, *, min_side=8, max_aspect=20.0, max_pixels=50_000_000,
   try:
     img = Image.open(io.BytesIO(data))
   except Image.DecompressionBombError as e:
-    raise BadRecord('too_large', str(e)) from None
+    raise BadRecord("too_large", str(e)) from None
   except Exception as e:  # PIL raises many types on garbage input.
-    raise BadRecord('undecodable', repr(e)) from None
+    raise BadRecord("undecodable", repr(e)) from None
   w, h = img.size
   if min(w, h) < min_side:
-    raise BadRecord('too_small', f'{w}x{h}')
+    raise BadRecord("too_small", f"{w}x{h}")
   if max(w, h) / min(w, h) > max_aspect:
-    raise BadRecord('bad_aspect', f'{w}x{h}')
+    raise BadRecord("bad_aspect", f"{w}x{h}")
   if w * h > max_pixels:
-    raise BadRecord('too_large', f'{w}x{h}')
-  if draft_side and img.format == 'JPEG' and min(w, h) > draft_side:
+    raise BadRecord("too_large", f"{w}x{h}")
+  if draft_side and img.format == "JPEG" and min(w, h) > draft_side:
     scale = draft_side / min(w, h)
-    img.draft('RGB', (math.ceil(w * scale), math.ceil(h * scale)))
+    img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
   try:
     with warnings.catch_warnings():
-      warnings.simplefilter('ignore')  # EXIF / palette chatter is not an error.
+      warnings.simplefilter("ignore")  # EXIF / palette chatter is not an error.
       img.load()
       return to_rgb(img)
   except Exception as e:
-    raise BadRecord('undecodable', repr(e)) from None
+    raise BadRecord("undecodable", repr(e)) from None
 
 
 def to_rgb(img):
   """Converts any PIL mode to RGB; transparent pixels become white."""
-  if img.mode == 'RGB':
+  if img.mode == "RGB":
     return img
-  if img.mode == 'P' and 'transparency' in img.info:
-    img = img.convert('RGBA')
-  if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
-    rgba = img.convert('RGBA')
-    out = Image.new('RGB', img.size, (255, 255, 255))
-    out.paste(rgba, mask=rgba.getchannel('A'))
+  if img.mode == "P" and "transparency" in img.info:
+    img = img.convert("RGBA")
+  if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    rgba = img.convert("RGBA")
+    out = Image.new("RGB", img.size, (255, 255, 255))
+    out.paste(rgba, mask=rgba.getchannel("A"))
     return out
-  if img.mode.startswith(('I', 'F')):  # 16/32-bit grayscale.
+  if img.mode.startswith(("I", "F")):  # 16/32-bit grayscale.
     arr = np.asarray(img, dtype=np.float64)
     if arr.max(initial=0) > 255:
       arr = arr * (255 / 65535)
-    img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), 'L')
-  return img.convert('RGB')
+    img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L")
+  return img.convert("RGB")
 
 
 # -------------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def identity_augs(box=(0.0, 0.0, 1.0, 1.0)):
   """The vector of a view that only crops `box` (the eval transform)."""
   augs = np.zeros(len(AUG_FIELDS), np.float32)
   augs[:4] = box
-  augs[[_F['brightness'], _F['contrast'], _F['saturation']]] = 1.0
+  augs[[_F["brightness"], _F["contrast"], _F["saturation"]]] = 1.0
   return augs
 
 
@@ -142,18 +142,18 @@ def random_resized_crop_box(rng, width, height, scale, ratio, attempts=10):
 def sample_augs(rng, opts, width, height):
   """Draws the augmentation vector of one view; `opts` are the view's options."""
   augs = identity_augs(random_resized_crop_box(
-      rng, width, height, opts['crop_scale'], opts['crop_ratio']))
-  if opts['flip'] and rng.random() < 0.5:
-    augs[_F['flip']] = 1.0
-  s = opts['color_jitter']
-  if s > 0 and rng.random() < opts['color_jitter_p']:
+      rng, width, height, opts["crop_scale"], opts["crop_ratio"]))
+  if opts["flip"] and rng.random() < 0.5:
+    augs[_F["flip"]] = 1.0
+  s = opts["color_jitter"]
+  if s > 0 and rng.random() < opts["color_jitter_p"]:
     lo, hi = max(0.0, 1 - 0.8 * s), 1 + 0.8 * s  # SimCLR's strengths [paper].
-    augs[[_F['brightness'], _F['contrast'], _F['saturation']]] = rng.uniform(lo, hi, 3)
-    augs[_F['hue']] = rng.uniform(-min(0.2 * s, 0.5), min(0.2 * s, 0.5))
-  if rng.random() < opts['grayscale_p']:
-    augs[_F['grayscale']] = 1.0
-  if rng.random() < opts['blur_p']:
-    augs[_F['blur_sigma']] = rng.uniform(*opts['blur_sigma'])
+    augs[[_F["brightness"], _F["contrast"], _F["saturation"]]] = rng.uniform(lo, hi, 3)
+    augs[_F["hue"]] = rng.uniform(-min(0.2 * s, 0.5), min(0.2 * s, 0.5))
+  if rng.random() < opts["grayscale_p"]:
+    augs[_F["grayscale"]] = 1.0
+  if rng.random() < opts["blur_p"]:
+    augs[_F["blur_sigma"]] = rng.uniform(*opts["blur_sigma"])
   return augs
 
 
@@ -165,14 +165,14 @@ def apply_augs(img, augs, size):
   w, h = img.size
   box = (augs[0] * w, augs[1] * h, augs[2] * w, augs[3] * h)
   out = img.resize((size, size), Image.BILINEAR, box=box, reducing_gap=3.0)
-  if augs[_F['flip']]:
+  if augs[_F["flip"]]:
     out = out.transpose(Image.FLIP_LEFT_RIGHT)
-  out = adjust_color(out, *augs[[_F['brightness'], _F['contrast'], _F['saturation'],
-                                 _F['hue']]])
-  if augs[_F['grayscale']]:
-    out = out.convert('L').convert('RGB')
-  if augs[_F['blur_sigma']] > 0:
-    out = out.filter(ImageFilter.GaussianBlur(float(augs[_F['blur_sigma']])))
+  out = adjust_color(out, *augs[[_F["brightness"], _F["contrast"], _F["saturation"],
+                                 _F["hue"]]])
+  if augs[_F["grayscale"]]:
+    out = out.convert("L").convert("RGB")
+  if augs[_F["blur_sigma"]] > 0:
+    out = out.filter(ImageFilter.GaussianBlur(float(augs[_F["blur_sigma"]])))
   return np.asarray(out, dtype=np.uint8)
 
 
@@ -186,7 +186,7 @@ def adjust_color(img, brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0):
     img = ImageEnhance.Color(img).enhance(float(saturation))
   if hue != 0:
     matrix = np.concatenate([hue_rotation(hue), np.zeros((3, 1))], axis=1)
-    img = img.convert('RGB', tuple(matrix.reshape(-1)))
+    img = img.convert("RGB", tuple(matrix.reshape(-1)))
   return img
 
 
@@ -223,7 +223,7 @@ def boxes_to_view(boxes, augs, min_visible=0.25):
   area = lambda b: np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
   full = area(rel)
   visible = (full > 0) & (area(clipped) >= min_visible * full)
-  if augs[_F['flip']]:
+  if augs[_F["flip"]]:
     clipped = np.stack([1 - clipped[:, 2], clipped[:, 1], 1 - clipped[:, 0],
                         clipped[:, 3]], axis=1)
   return np.where(visible[:, None], clipped, 0.0).astype(np.float32), visible

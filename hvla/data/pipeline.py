@@ -48,14 +48,14 @@ class _RecordSource:
 
   def __getitem__(self, index):
     if index >= len(self._source):
-      return {'pad': True}
+      return {"pad": True}
     try:
-      return {'record': self._source[index]}
+      return {"record": self._source[index]}
     except Exception as e:  # A corrupt stored record must not stop training.
-      return {'error': repr(e)}
+      return {"error": repr(e)}
 
   def __repr__(self):
-    return f'_RecordSource({self._source!r}, length={self._length})'
+    return f"_RecordSource({self._source!r}, length={self._length})"
 
 
 class _Sampler:
@@ -71,14 +71,14 @@ class _Sampler:
 
   def __getitem__(self, index):
     if not 0 <= index < self._length:
-      raise IndexError(f'position {index} outside [0, {self._length})')
+      raise IndexError(f"position {index} outside [0, {self._length})")
     key = int(self._keys[index]) if self._shuffle else index
     rng = np.random.Generator(np.random.Philox(key=[self._seed, index]))
     return grain.RecordMetadata(index=index, record_key=key, rng=rng)
 
   def __repr__(self):
-    return (f'_Sampler(num_records={self._num_records}, length={self._length}, '
-            f'seed={self._seed}, shuffle={self._shuffle})')
+    return (f"_Sampler(num_records={self._num_records}, length={self._length}, "
+            f"seed={self._seed}, shuffle={self._shuffle})")
 
 
 class _DropBadRecords:
@@ -93,16 +93,16 @@ class _DropBadRecords:
   def __call__(self, records):
     skipped = np.zeros(len(ops.BAD_REASONS), np.int32)
     for record in records:
-      if record.data['valid']:
-        record.data['_bad'] = record.data['_bad'] + skipped
+      if record.data["valid"]:
+        record.data["_bad"] = record.data["_bad"] + skipped
         skipped[:] = 0
         yield record
         continue
-      skipped += record.data['_bad']
+      skipped += record.data["_bad"]
       if skipped.sum() > self.max_consecutive:
         counts = {r: int(n) for r, n in zip(ops.BAD_REASONS, skipped) if n}
-        raise RuntimeError(f'{skipped.sum()} bad records in a row {counts}: check the '
-                           'dataset and config.data.image_limits')
+        raise RuntimeError(f"{skipped.sum()} bad records in a row {counts}: check the "
+                           "dataset and config.data.image_limits")
 
 
 class BatchIterator:
@@ -117,18 +117,18 @@ class BatchIterator:
 
   def __next__(self):
     batch = next(self._iterator)
-    self._bad += batch.pop('_bad').sum(axis=0)
+    self._bad += batch.pop("_bad").sum(axis=0)
     return batch
 
   def get_state(self):
     """JSON bytes: grain's state plus the bad-record counters."""
-    return json.dumps({'grain': json.loads(self._iterator.get_state()),
-                       'bad_records': self.bad_records()}).encode()
+    return json.dumps({"grain": json.loads(self._iterator.get_state()),
+                       "bad_records": self.bad_records()}).encode()
 
   def set_state(self, state):
     state = json.loads(state)
-    self._iterator.set_state(json.dumps(state['grain']).encode())
-    self._bad[:] = [state['bad_records'].get(r, 0) for r in ops.BAD_REASONS]
+    self._iterator.set_state(json.dumps(state["grain"]).encode())
+    self._bad[:] = [state["bad_records"].get(r, 0) for r in ops.BAD_REASONS]
 
   def start_prefetch(self):
     self._iterator.start_prefetch()
@@ -140,8 +140,8 @@ class BatchIterator:
   def metrics(self):
     """The counters as flat scalars for the metric writer."""
     counts = self.bad_records()
-    return {'data/bad_records': sum(counts.values()),
-            **{f'data/bad_records/{r}': n for r, n in counts.items()}}
+    return {"data/bad_records": sum(counts.values()),
+            **{f"data/bad_records/{r}": n for r, n in counts.items()}}
 
 
 class Loader:
@@ -159,7 +159,7 @@ class Loader:
 
   def __len__(self):
     if self.num_batches is None:
-      raise TypeError('an infinite training loader has no length')
+      raise TypeError("an infinite training loader has no length")
     return self.num_batches
 
 
@@ -176,19 +176,19 @@ def make_loader(data_config, *, split, global_batch_size, train, seed, process_i
     import jax  # Only when the caller does not say; keeps tools free of jax.
     process_index, process_count = jax.process_index(), jax.process_count()
   if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(f'global_batch_size {global_batch_size} must be a positive multiple '
-                     f'of process_count {process_count}')
+    raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple "
+                     f"of process_count {process_count}")
   if seed < 0:
-    raise ValueError(f'seed must be >= 0, got {seed}')
+    raise ValueError(f"seed must be >= 0, got {seed}")
   if num_epochs is not None and num_epochs < 1:
-    raise ValueError(f'num_epochs must be >= 1 or None, got {num_epochs}')
+    raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
   builder = sources.dataset_builder(data_config)
   features = builder.info.features
   examples.check_features(data_config, features, data_config.dataset)
   source = sources.data_source(builder, split)
   num_records = len(source)
   if not num_records:
-    raise ValueError(f'split {split!r} of {data_config.dataset!r} is empty')
+    raise ValueError(f"split {split!r} of {data_config.dataset!r} is empty")
   tokenizer = sources.tokenizer_for(data_config) if data_config.text.fields else None
   builder_op = examples.ExampleBuilder(data_config, views, tokenizer, features, train)
   sampler_seed = int(np.random.SeedSequence(
@@ -201,8 +201,8 @@ def make_loader(data_config, *, split, global_batch_size, train, seed, process_i
       length = num_epochs * num_records // global_batch_size * global_batch_size
       num_batches = length // global_batch_size
       if not length:
-        raise ValueError(f'{num_epochs} epoch(s) of {num_records} records are less than '
-                         f'one global batch of {global_batch_size}')
+        raise ValueError(f"{num_epochs} epoch(s) of {num_records} records are less than "
+                         f"one global batch of {global_batch_size}")
     operations = [builder_op, _DropBadRecords(),
                   grain.transforms.Batch(local_batch_size, drop_remainder=True)]
   else:

@@ -12,14 +12,14 @@ _BOUNDARY = frozenset("""
   underneath until up upon while who which with within without left right top bottom
   middle centre center front back side corner showing shows holding sitting standing
   """.split())
-_ARTICLES = frozenset('a an'.split())
+_ARTICLES = frozenset("a an".split())
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'\-]*")
-_CLAUSE_END = re.compile(r'[,;:.!?]')
+_CLAUSE_END = re.compile(r"[,;:.!?]")
 
 
 def as_str(value):
   """tfds returns text as bytes."""
-  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def record_captions(record):
@@ -28,20 +28,20 @@ def record_captions(record):
   Records written without `captions` (or with it empty) have only `caption`; ingested
   records have `caption == captions[0]`.
   """
-  listed = [as_str(c).strip() for c in record.get('captions', ())]
+  listed = [as_str(c).strip() for c in record.get("captions", ())]
   listed = [c for c in listed if c]
-  return listed or [c for c in (as_str(record.get('caption', b'')).strip(),) if c]
+  return listed or [c for c in (as_str(record.get("caption", b"")).strip(),) if c]
 
 
 def summary(caption, max_words=12):
   """The caption's first clause cut to `max_words` words (PyramidCLIP's T_s stand-in)."""
   first = _CLAUSE_END.split(caption, maxsplit=1)[0]
-  return ' '.join(first.split()[:max_words]) or caption.strip()
+  return " ".join(first.split()[:max_words]) or caption.strip()
 
 
 def tags(caption, roi_labels):
   """Object/attribute tags: the region labels comma-joined, else the caption."""
-  return ', '.join(roi_labels) if len(roi_labels) else caption
+  return ", ".join(roi_labels) if len(roi_labels) else caption
 
 
 def concepts(caption, roi_labels):
@@ -57,10 +57,10 @@ def sample_concepts(words, k, rng=None):
   """ViCHA's concept text: k words drawn with replacement [paper]; the first k without
   an rng (evaluation, [ours])."""
   if not len(words):
-    return ''
+    return ""
   if rng is None:
-    return ' '.join(words[:k])
-  return ' '.join(words[i] for i in rng.integers(0, len(words), k))
+    return " ".join(words[:k])
+  return " ".join(words[i] for i in rng.integers(0, len(words), k))
 
 
 def chunk_phrases(caption):

@@ -17,21 +17,21 @@ class Tokenizer:
   def __init__(self, model_path):
     self.model_path = os.fspath(model_path)
     if not os.path.exists(self.model_path):
-      raise FileNotFoundError(f'tokenizer model {self.model_path!r} does not exist')
-    with open(self.model_path, 'rb') as f:
+      raise FileNotFoundError(f"tokenizer model {self.model_path!r} does not exist")
+    with open(self.model_path, "rb") as f:
       self._proto = f.read()
     self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
     ids = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
     if ids != (PAD, UNK, BOS, EOS):
-      raise ValueError(f'tokenizer {self.model_path!r} has (pad, unk, bos, eos) ids {ids}, '
-                       f'hvla needs {(PAD, UNK, BOS, EOS)}: retrain it with '
-                       'python -m hvla.tools.train_tokenizer')
+      raise ValueError(f"tokenizer {self.model_path!r} has (pad, unk, bos, eos) ids {ids}, "
+                       f"hvla needs {(PAD, UNK, BOS, EOS)}: retrain it with "
+                       "python -m hvla.tools.train_tokenizer")
 
   def __getstate__(self):  # Pickled into grain worker processes.
-    return {'model_path': self.model_path, 'proto': self._proto}
+    return {"model_path": self.model_path, "proto": self._proto}
 
   def __setstate__(self, state):
-    self.model_path, self._proto = state['model_path'], state['proto']
+    self.model_path, self._proto = state["model_path"], state["proto"]
     self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
 
   @property
@@ -41,7 +41,7 @@ class Tokenizer:
   def encode(self, texts, max_len):
     """list of str -> int32 [N, max_len]."""
     if max_len < 1:
-      raise ValueError(f'max_len must be >= 1, got {max_len}')
+      raise ValueError(f"max_len must be >= 1, got {max_len}")
     out = np.zeros((len(texts), max_len), np.int32)
     for row, ids in zip(out, self._sp.encode(list(texts))):
       ids = ids[:max_len - 1] + [EOS]
@@ -54,7 +54,7 @@ class Tokenizer:
     Returns (tokens int32 [max_len], token spans int32 [P, 2] as [start, end), and a
     bool [P] mask of spans that keep at least one token after truncation).
     """
-    proto = self._sp.encode(text, return_type='proto')
+    proto = self._sp.encode(text, return_type="proto")
     pieces = proto.pieces[:max_len - 1]
     tokens = np.zeros(max_len, np.int32)
     tokens[:len(pieces)] = [p.id for p in pieces]
@@ -83,7 +83,7 @@ class Tokenizer:
     return texts
 
 
-def train_tokenizer(texts, model_path, *, vocab_size, model_type='bpe',
+def train_tokenizer(texts, model_path, *, vocab_size, model_type="bpe",
                     max_sentences=2_000_000):
   """Trains a SentencePiece model on an iterable of str and writes it atomically.
 
@@ -94,10 +94,10 @@ def train_tokenizer(texts, model_path, *, vocab_size, model_type='bpe',
   model_path = os.fspath(model_path)
   texts = [t for t in texts if t.strip()]
   if not texts:
-    raise ValueError('no non-empty text to train a tokenizer on')
+    raise ValueError("no non-empty text to train a tokenizer on")
   os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
-  tmp = f'{model_path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
+  tmp = f"{model_path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=f, vocab_size=vocab_size,
         model_type=model_type, hard_vocab_limit=False, character_coverage=0.9995,

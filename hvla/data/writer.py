@@ -9,38 +9,38 @@ import numpy as np
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
-FILE_FORMAT = 'array_record'
-_TEMPLATE = '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}'
+FILE_FORMAT = "array_record"
+_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 
 
 def record_features(roi_feature_dim=0):
   """hvla's record schema (ARCHITECTURE.md "Records"); empty values mean absent."""
-  rois = {'boxes': tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
-          'labels': tfds.features.Sequence(tfds.features.Text())}
+  rois = {"boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+          "labels": tfds.features.Sequence(tfds.features.Text())}
   if roi_feature_dim:
-    rois['features'] = tfds.features.Tensor(shape=(None, roi_feature_dim), dtype=np.float16)
+    rois["features"] = tfds.features.Tensor(shape=(None, roi_feature_dim), dtype=np.float16)
   return tfds.features.FeaturesDict({
-      'image': tfds.features.Image(shape=(None, None, 3)),  # Stored as given: JPEG/PNG.
-      'caption': tfds.features.Text(),
+      "image": tfds.features.Image(shape=(None, None, 3)),  # Stored as given: JPEG/PNG.
+      "caption": tfds.features.Text(),
       # Every caption of the image, `caption` first (COCO, Flickr30k: about 5).
-      'captions': tfds.features.Sequence(tfds.features.Text()),
-      'summary': tfds.features.Text(),
-      'tags': tfds.features.Text(),
-      'concepts': tfds.features.Sequence(tfds.features.Text()),
-      'rois': rois,
-      'phrases': tfds.features.Tensor(shape=(None, 2), dtype=np.int32),
-      'phrase_boxes': tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+      "captions": tfds.features.Sequence(tfds.features.Text()),
+      "summary": tfds.features.Text(),
+      "tags": tfds.features.Text(),
+      "concepts": tfds.features.Sequence(tfds.features.Text()),
+      "rois": rois,
+      "phrases": tfds.features.Tensor(shape=(None, 2), dtype=np.int32),
+      "phrase_boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
   })
 
 
 def shard_path(out_dir, name, split, index, count):
-  return os.path.join(out_dir, f'{name}-{split}.{FILE_FORMAT}-{index:05d}-of-{count:05d}')
+  return os.path.join(out_dir, f"{name}-{split}.{FILE_FORMAT}-{index:05d}-of-{count:05d}")
 
 
 def write_shard(path, features, examples):
   """Serialises feature dicts into one shard, atomically; returns how many."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  writer = array_record_module.ArrayRecordWriter(tmp, 'group_size:1')
+  tmp = f"{path}.tmp{os.getpid()}"
+  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   count = 0
   try:
     for example in examples:
@@ -52,7 +52,7 @@ def write_shard(path, features, examples):
   return count
 
 
-def write_info(out_dir, name, features, shard_lengths, description=''):
+def write_info(out_dir, name, features, shard_lengths, description=""):
   """Writes dataset_info.json and features.json for {split: [examples per shard]}."""
   splits = []
   for split, lengths in shard_lengths.items():
@@ -65,7 +65,7 @@ def write_info(out_dir, name, features, shard_lengths, description=''):
             filetype_suffix=FILE_FORMAT)))
   info = tfds.core.DatasetInfo(
       builder=tfds.core.DatasetIdentity(
-          name=name, version=tfds.core.Version('1.0.0'), data_dir=out_dir,
+          name=name, version=tfds.core.Version("1.0.0"), data_dir=out_dir,
           module_name=__name__),
       description=description, features=features)
   info.set_splits(tfds.core.SplitDict(splits))
@@ -73,7 +73,7 @@ def write_info(out_dir, name, features, shard_lengths, description=''):
   info.write_to_directory(out_dir)
 
 
-def write_dataset(out_dir, name, features, splits, shard_size=1000, description=''):
+def write_dataset(out_dir, name, features, splits, shard_size=1000, description=""):
   """Writes {split: list of feature dicts} in one call; returns `out_dir`."""
   os.makedirs(out_dir, exist_ok=True)
   lengths = {}

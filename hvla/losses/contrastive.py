@@ -45,9 +45,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-KINDS = ('softmax', 'mpnce', 'sigmoid')
-STRATEGIES = ('dense', 'chunked', 'sharded')
-DEFAULT_BATCH_AXES = ('data', 'fsdp')
+KINDS = ("softmax", "mpnce", "sigmoid")
+STRATEGIES = ("dense", "chunked", "sharded")
+DEFAULT_BATCH_AXES = ("data", "fsdp")
 _FLOOR = float(jnp.finfo(jnp.float32).min)  # running max of an empty online log-sum-exp
 
 
@@ -83,10 +83,10 @@ class _Options(NamedTuple):
   stop_grad_cols: bool
 
 
-def contrastive_loss(x, y, *, scale, bias=0.0, kind='softmax', label_smoothing=0.0,
+def contrastive_loss(x, y, *, scale, bias=0.0, kind="softmax", label_smoothing=0.0,
                      row_ids=None, col_ids=None, row_domains=None, col_domains=None,
                      exclude_self=False, symmetric=True, stop_grad_cols=False,
-                     strategy='dense', block_size=None, mesh=None, batch_axes=None,
+                     strategy="dense", block_size=None, mesh=None, batch_axes=None,
                      row_valid=None, col_valid=None, teacher=None):
   """Contrastive loss of anchors x [N, D] against candidates y [M, D] (a scalar).
 
@@ -128,8 +128,8 @@ def contrastive_loss(x, y, *, scale, bias=0.0, kind='softmax', label_smoothing=0
     weight = jax.lax.stop_gradient(jnp.asarray(teacher.weight, jnp.float32))
   opts = _Options(kind, float(label_smoothing), bool(exclude_self), bool(symmetric),
                   bool(stop_grad_cols))
-  block_size = None if strategy == 'dense' else block_size
-  if strategy == 'sharded':
+  block_size = None if strategy == "dense" else block_size
+  if strategy == "sharded":
     sums = _sharded(opts, block_size, rows, cols, scale, bias, weight,
                     *resolve_batch_mesh(mesh, batch_axes))
   else:
@@ -149,83 +149,83 @@ def resolve_batch_mesh(mesh=None, batch_axes=None):
     mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     raise ValueError("strategy='sharded' needs a mesh: pass mesh= or activate one with "
-                     'jax.set_mesh(mesh)')
+                     "jax.set_mesh(mesh)")
   if batch_axes is None:
     batch_axes = tuple(a for a in DEFAULT_BATCH_AXES if a in mesh.axis_names)
   batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
   unknown = [a for a in batch_axes if a not in mesh.axis_names]
   if unknown or not batch_axes:
-    raise ValueError(f'batch axes {batch_axes} must be a non-empty subset of the mesh '
-                     f'axes {mesh.axis_names}')
+    raise ValueError(f"batch axes {batch_axes} must be a non-empty subset of the mesh "
+                     f"axes {mesh.axis_names}")
   return mesh, batch_axes
 
 
 # ----------------------------------------------------------------------------------------
 # Inputs.
 # ----------------------------------------------------------------------------------------
-def check_options(kind, label_smoothing=0.0, strategy='dense', block_size=None):
+def check_options(kind, label_smoothing=0.0, strategy="dense", block_size=None):
   """Raises ValueError for options no input could make valid; objectives call it when
   they are built, before anything is traced."""
   if kind not in KINDS:
-    raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
   if strategy not in STRATEGIES:
-    raise ValueError(f'strategy must be one of {STRATEGIES}, got {strategy!r}')
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
   if not 0.0 <= label_smoothing < 1.0:
-    raise ValueError(f'label_smoothing must be in [0, 1), got {label_smoothing}')
-  if label_smoothing and kind != 'softmax':
+    raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+  if label_smoothing and kind != "softmax":
     raise ValueError(f"label_smoothing applies to kind='softmax' only, not {kind!r}")
-  if strategy == 'chunked' and block_size is None:
+  if strategy == "chunked" and block_size is None:
     raise ValueError("strategy='chunked' needs block_size")
   if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
-    raise ValueError(f'block_size must be a positive int, got {block_size!r}')
+    raise ValueError(f"block_size must be a positive int, got {block_size!r}")
 
 
 def _check_args(x, y, scale, bias, row_ids, col_ids, row_domains, col_domains, exclude_self,
                 row_valid, col_valid):
   if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-    raise ValueError(f'x and y must be [N, D] and [M, D], got {x.shape} and {y.shape}')
+    raise ValueError(f"x and y must be [N, D] and [M, D], got {x.shape} and {y.shape}")
   if x.shape[0] < 1 or y.shape[0] < 1 + exclude_self:
-    raise ValueError(f'every anchor needs a candidate, got x {x.shape} and y {y.shape}')
+    raise ValueError(f"every anchor needs a candidate, got x {x.shape} and y {y.shape}")
   if exclude_self and x.shape[0] != y.shape[0]:
-    raise ValueError(f'exclude_self needs x and y to be the same items, got {x.shape} '
-                     f'and {y.shape}')
+    raise ValueError(f"exclude_self needs x and y to be the same items, got {x.shape} "
+                     f"and {y.shape}")
   if (row_ids is None) != (col_ids is None):
-    raise ValueError('give both row_ids and col_ids, or neither (diagonal positives)')
+    raise ValueError("give both row_ids and col_ids, or neither (diagonal positives)")
   tables = [p.shape for p in (scale, bias) if p.ndim]
   if any(len(shape) != 2 for shape in tables):
-    raise ValueError(f'scale and bias must be scalars or [R, C] tables, got {tables}')
+    raise ValueError(f"scale and bias must be scalars or [R, C] tables, got {tables}")
   if bool(tables) != (row_domains is not None and col_domains is not None):
-    raise ValueError('row_domains and col_domains are needed exactly when scale or bias '
-                     'is a per-domain-pair table')
-  for name, ids, n in (('row_ids', row_ids, x.shape[0]), ('col_ids', col_ids, y.shape[0]),
-                       ('row_domains', row_domains, x.shape[0]),
-                       ('col_domains', col_domains, y.shape[0])):
+    raise ValueError("row_domains and col_domains are needed exactly when scale or bias "
+                     "is a per-domain-pair table")
+  for name, ids, n in (("row_ids", row_ids, x.shape[0]), ("col_ids", col_ids, y.shape[0]),
+                       ("row_domains", row_domains, x.shape[0]),
+                       ("col_domains", col_domains, y.shape[0])):
     if ids is not None and (jnp.shape(ids) != (n,) or
                             not jnp.issubdtype(jnp.result_type(ids), jnp.integer)):
-      raise ValueError(f'{name} must be integers of shape ({n},), got '
-                       f'{jnp.result_type(ids)} {jnp.shape(ids)}')
-  for name, valid, n in (('row_valid', row_valid, x.shape[0]),
-                         ('col_valid', col_valid, y.shape[0])):
+      raise ValueError(f"{name} must be integers of shape ({n},), got "
+                       f"{jnp.result_type(ids)} {jnp.shape(ids)}")
+  for name, valid, n in (("row_valid", row_valid, x.shape[0]),
+                         ("col_valid", col_valid, y.shape[0])):
     if valid is not None and (jnp.shape(valid) != (n,) or
                               jnp.result_type(valid) != jnp.bool_):
-      raise ValueError(f'{name} must be booleans of shape ({n},), got '
-                       f'{jnp.result_type(valid)} {jnp.shape(valid)}')
+      raise ValueError(f"{name} must be booleans of shape ({n},), got "
+                       f"{jnp.result_type(valid)} {jnp.shape(valid)}")
 
 
 def _check_teacher(teacher, kind, x, y):
   if teacher is None:
     return
-  if kind != 'softmax':
+  if kind != "softmax":
     raise ValueError(f"teacher targets apply to kind='softmax' only, not {kind!r}")
   tx, ty = jnp.shape(teacher.x), jnp.shape(teacher.y)
   if len(tx) != 2 or len(ty) != 2 or tx[1] != ty[1] or (tx[0], ty[0]) != (x.shape[0],
                                                                           y.shape[0]):
-    raise ValueError(f'teacher.x and teacher.y must be [N, Dt] and [M, Dt] with N, M = '
-                     f'{x.shape[0]}, {y.shape[0]}, got {tx} and {ty}')
+    raise ValueError(f"teacher.x and teacher.y must be [N, Dt] and [M, Dt] with N, M = "
+                     f"{x.shape[0]}, {y.shape[0]}, got {tx} and {ty}")
   if jnp.ndim(teacher.scale) or jnp.ndim(teacher.weight):
-    raise ValueError('teacher.scale and teacher.weight must be scalars')
+    raise ValueError("teacher.scale and teacher.weight must be scalars")
   if isinstance(teacher.weight, (int, float)) and not 0.0 <= teacher.weight <= 1.0:
-    raise ValueError(f'teacher.weight must be in [0, 1], got {teacher.weight}')
+    raise ValueError(f"teacher.weight must be in [0, 1], got {teacher.weight}")
 
 
 def _items(emb, ids, domains, valid):
@@ -338,39 +338,39 @@ def _log_sum_exp(acc):
 def _softmax_stats(s, t, pos, neg, extra, peaks):
   del extra
   keep = pos | neg
-  stats = {'lse': _online(s, keep, peaks.get('lse')), 'n_pos': _count(pos),
-           'n_neg': _count(neg), 's_pos': _masked_sum(s, pos), 's_neg': _masked_sum(s, neg)}
+  stats = {"lse": _online(s, keep, peaks.get("lse")), "n_pos": _count(pos),
+           "n_neg": _count(neg), "s_pos": _masked_sum(s, pos), "s_neg": _masked_sum(s, neg)}
   if t is not None:  # the teacher's softmax and its mean of s, in one online pass
-    stats['teacher'] = _online(t, keep, peaks.get('teacher'), weights=(s,))
+    stats["teacher"] = _online(t, keep, peaks.get("teacher"), weights=(s,))
   return stats
 
 
 def _mpnce_negatives(s, t, pos, neg, extra, peaks):
   del t, extra
-  return {'neg': _online(s, neg, peaks.get('neg')), 'n_pos': _count(pos)}
+  return {"neg": _online(s, neg, peaks.get("neg")), "n_pos": _count(pos)}
 
 
 def _mpnce_positives(s, t, pos, neg, neg_lse, peaks):
   """-log(e^s_ip / (e^s_ip + e^neg_lse)) = softplus(neg_lse - s_ip), summed over p."""
   del t, neg, peaks
-  return {'terms': _masked_sum(jax.nn.softplus(neg_lse[:, None] - s), pos)}
+  return {"terms": _masked_sum(jax.nn.softplus(neg_lse[:, None] - s), pos)}
 
 
 def _sigmoid_stats(s, t, pos, neg, extra, peaks):
   del t, extra, peaks
-  return {'pairs': _masked_sum(jax.nn.softplus(-s), pos) +
+  return {"pairs": _masked_sum(jax.nn.softplus(-s), pos) +
                    _masked_sum(jax.nn.softplus(s), neg)}
 
 
 def _softmax_losses(stats, opts, weight):
-  lse = _log_sum_exp(stats['lse'])
-  t_pos = (1.0 - opts.label_smoothing) / jnp.maximum(stats['n_pos'], 1.0)
-  t_neg = opts.label_smoothing / jnp.maximum(stats['n_neg'], 1.0)
-  hard = (t_pos * (stats['n_pos'] * lse - stats['s_pos']) +
-          t_neg * (stats['n_neg'] * lse - stats['s_neg']))
-  if 'teacher' not in stats:
+  lse = _log_sum_exp(stats["lse"])
+  t_pos = (1.0 - opts.label_smoothing) / jnp.maximum(stats["n_pos"], 1.0)
+  t_neg = opts.label_smoothing / jnp.maximum(stats["n_neg"], 1.0)
+  hard = (t_pos * (stats["n_pos"] * lse - stats["s_pos"]) +
+          t_neg * (stats["n_neg"] * lse - stats["s_neg"]))
+  if "teacher" not in stats:
     return hard
-  total, weighted = stats['teacher'].sums  # -sum_j q_j log p_j = lse - sum_j q_j s_j
+  total, weighted = stats["teacher"].sums  # -sum_j q_j log p_j = lse - sum_j q_j s_j
   some = total > 0
   soft = jnp.where(some, lse - weighted / jnp.where(some, total, 1.0), 0.0)
   return weight * soft + (1.0 - weight) * hard
@@ -479,14 +479,14 @@ def _anchor_losses(opts, block_size, rows, cols, scale, bias, weight, axes=None)
                       col_extra)
     return row, (col if col is None or axes is None else _combine(col, axes))
 
-  if opts.kind == 'mpnce':  # the log-sum-exp over negatives first, then the positives
+  if opts.kind == "mpnce":  # the log-sum-exp over negatives first, then the positives
     first = run(_mpnce_negatives)
-    neg_lse = [None if f is None else _log_sum_exp(f['neg']) for f in first]
+    neg_lse = [None if f is None else _log_sum_exp(f["neg"]) for f in first]
     second = run(_mpnce_positives, *neg_lse)
-    losses = [None if f is None else s['terms'] / jnp.maximum(f['n_pos'], 1.0)
+    losses = [None if f is None else s["terms"] / jnp.maximum(f["n_pos"], 1.0)
               for f, s in zip(first, second)]
-  elif opts.kind == 'sigmoid':
-    losses = [None if s is None else s['pairs'] for s in run(_sigmoid_stats)]
+  elif opts.kind == "sigmoid":
+    losses = [None if s is None else s["pairs"] for s in run(_sigmoid_stats)]
   else:
     losses = [None if s is None else _softmax_losses(s, opts, weight)
               for s in run(_softmax_stats)]
@@ -510,7 +510,7 @@ def _sharded(opts, block_size, rows, cols, scale, bias, weight, mesh, batch_axes
   shards = math.prod(mesh.shape[a] for a in batch_axes)
   if rows.emb.shape[0] % shards or cols.emb.shape[0] % shards:
     raise ValueError(f"strategy='sharded' needs N and M divisible by the {shards} shards "
-                     f'of axes {batch_axes}, got {rows.emb.shape[0]} and {cols.emb.shape[0]}')
+                     f"of axes {batch_axes}, got {rows.emb.shape[0]} and {cols.emb.shape[0]}")
   spec = PartitionSpec(batch_axes)
   if any(mesh.axis_types[mesh.axis_names.index(a)] == AxisType.Explicit for a in batch_axes):
     rows, cols = jax.tree.map(lambda v: jax.reshard(v, NamedSharding(mesh, spec)),

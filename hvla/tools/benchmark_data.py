@@ -18,17 +18,17 @@ from absl import flags
 
 from hvla.data import pipeline
 
-_DATASET = flags.DEFINE_string('dataset', 'hvla_shapes', 'Dataset to read.')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfds data_dir.')
-_SIZE = flags.DEFINE_integer('size', 224, 'View side (and hvla_shapes image side).')
-_NUM_RECORDS = flags.DEFINE_integer('num_records', 2048, 'hvla_shapes training records.')
-_WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'grain worker counts to time.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Examples per batch.')
-_BATCHES = flags.DEFINE_integer('batches', 16, 'Timed batches per run.')
-_WARMUP = flags.DEFINE_integer('warmup', 4, 'Untimed batches first (worker start-up).')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Runs per worker count; the median counts.')
-_RATES = flags.DEFINE_list('accelerator_rates', ['500', '1000', '2000'],
-                           'Examples/s one accelerator trains on, to size the workers.')
+_DATASET = flags.DEFINE_string("dataset", "hvla_shapes", "Dataset to read.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir.")
+_SIZE = flags.DEFINE_integer("size", 224, "View side (and hvla_shapes image side).")
+_NUM_RECORDS = flags.DEFINE_integer("num_records", 2048, "hvla_shapes training records.")
+_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker counts to time.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Examples per batch.")
+_BATCHES = flags.DEFINE_integer("batches", 16, "Timed batches per run.")
+_WARMUP = flags.DEFINE_integer("warmup", 4, "Untimed batches first (worker start-up).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Runs per worker count; the median counts.")
+_RATES = flags.DEFINE_list("accelerator_rates", ["500", "1000", "2000"],
+                           "Examples/s one accelerator trains on, to size the workers.")
 
 
 def benchmark_config(dataset, data_dir, size, num_records):
@@ -46,7 +46,7 @@ def benchmark_config(dataset, data_dir, size, num_records):
 def examples_per_second(config, workers, batch_size, batches, warmup):
   """Throughput of one fresh loader after `warmup` batches."""
   config.worker_count = workers
-  it = iter(pipeline.make_loader(config, split='train', global_batch_size=batch_size,
+  it = iter(pipeline.make_loader(config, split="train", global_batch_size=batch_size,
                                  train=True, seed=0, process_index=0, process_count=1))
   for _ in range(warmup):
     next(it)
@@ -62,20 +62,20 @@ def main(argv):
                             _NUM_RECORDS.value)
   pipeline.ensure_dataset(config)
   rates = [float(r) for r in _RATES.value]
-  lines = ['| workers | examples/s (median) | runs | examples/s per worker | '
-           + ' | '.join(f'workers for {r:g}/s' for r in rates) + ' |',
-           '|---' * (4 + len(rates)) + '|']
+  lines = ["| workers | examples/s (median) | runs | examples/s per worker | "
+           + " | ".join(f"workers for {r:g}/s" for r in rates) + " |",
+           "|---" * (4 + len(rates)) + "|"]
   for workers in (int(w) for w in _WORKERS.value):
     runs = [examples_per_second(config, workers, _BATCH_SIZE.value, _BATCHES.value,
                                 _WARMUP.value) for _ in range(_REPEATS.value)]
     median = statistics.median(runs)
     per_worker = median / max(workers, 1)
-    lines.append(f'| {workers} | {median:.0f} | {", ".join(f"{r:.0f}" for r in runs)} | '
-                 f'{per_worker:.0f} | '
-                 + ' | '.join(str(math.ceil(r / per_worker)) for r in rates) + ' |')
+    lines.append(f"| {workers} | {median:.0f} | {', '.join(f'{r:.0f}' for r in runs)} | "
+                 f"{per_worker:.0f} | "
+                 + " | ".join(str(math.ceil(r / per_worker)) for r in rates) + " |")
     print(lines[-1], flush=True)
-  print('\n'.join(lines))
+  print("\n".join(lines))
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   app.run(main)

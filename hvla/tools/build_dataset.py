@@ -27,22 +27,22 @@ from absl import flags
 
 from hvla.data import ingest
 
-_INPUTS = flags.DEFINE_list('inputs', None, 'Input files or globs.', required=True)
-_OUT_DIR = flags.DEFINE_string('out_dir', None, 'Dataset directory.', required=True)
-_NAME = flags.DEFINE_string('name', None, 'Dataset name; default: basename of out_dir.')
-_SPLIT = flags.DEFINE_string('split', 'train', 'Split to write.')
-_FORMAT = flags.DEFINE_enum('format', None, ingest.FORMATS,
-                            'Input format; default: from the file extension.')
-_IMAGE_DIR = flags.DEFINE_string('image_dir', None,
-                                 'rows: folder of the images; default: the rows file\'s.')
-_IMAGE_KEY = flags.DEFINE_string('image_key', None, 'Column / feature of the image.')
-_CAPTION_KEY = flags.DEFINE_string('caption_key', None, 'Column / feature of the caption.')
-_SIDECAR = flags.DEFINE_string('sidecar', None, 'JSONL of optional fields by "key".')
-_ROI_DIM = flags.DEFINE_integer('roi_feature_dim', 0,
-                                'Width of precomputed rois.features; 0: none.')
-_MAX_SIDE = flags.DEFINE_integer('max_side', None, 'Downscale longer sides above this.')
-_SHARD_SIZE = flags.DEFINE_integer('shard_size', 5000, 'rows: images per output shard.')
-_WORKERS = flags.DEFINE_integer('workers', os.cpu_count() or 1, 'Parallel shard writers.')
+_INPUTS = flags.DEFINE_list("inputs", None, "Input files or globs.", required=True)
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Dataset directory.", required=True)
+_NAME = flags.DEFINE_string("name", None, "Dataset name; default: basename of out_dir.")
+_SPLIT = flags.DEFINE_string("split", "train", "Split to write.")
+_FORMAT = flags.DEFINE_enum("format", None, ingest.FORMATS,
+                            "Input format; default: from the file extension.")
+_IMAGE_DIR = flags.DEFINE_string("image_dir", None,
+                                 "rows: folder of the images; default: the rows file's.")
+_IMAGE_KEY = flags.DEFINE_string("image_key", None, "Column / feature of the image.")
+_CAPTION_KEY = flags.DEFINE_string("caption_key", None, "Column / feature of the caption.")
+_SIDECAR = flags.DEFINE_string("sidecar", None, "JSONL of optional fields by 'key'.")
+_ROI_DIM = flags.DEFINE_integer("roi_feature_dim", 0,
+                                "Width of precomputed rois.features; 0: none.")
+_MAX_SIDE = flags.DEFINE_integer("max_side", None, "Downscale longer sides above this.")
+_SHARD_SIZE = flags.DEFINE_integer("shard_size", 5000, "rows: images per output shard.")
+_WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "Parallel shard writers.")
 
 
 def main(argv):
@@ -50,18 +50,18 @@ def main(argv):
   inputs = sorted({p for pattern in _INPUTS.value
                    for p in glob.glob(os.path.expanduser(pattern))})
   if not inputs:
-    raise app.UsageError(f'--inputs={_INPUTS.value} matches no file')
+    raise app.UsageError(f"--inputs={_INPUTS.value} matches no file")
   out_dir = os.path.abspath(os.path.expanduser(_OUT_DIR.value))
   opts = ingest.Options(
-      out_dir=out_dir, name=_NAME.value or os.path.basename(out_dir.rstrip('/')),
+      out_dir=out_dir, name=_NAME.value or os.path.basename(out_dir.rstrip("/")),
       split=_SPLIT.value, image_dir=_IMAGE_DIR.value, image_key=_IMAGE_KEY.value,
       caption_key=_CAPTION_KEY.value, sidecar=_SIDECAR.value,
       roi_feature_dim=_ROI_DIM.value, max_side=_MAX_SIDE.value)
   report = ingest.build(inputs, opts, fmt=_FORMAT.value, shard_size=_SHARD_SIZE.value,
                         workers=_WORKERS.value)
-  report.pop('shard_lengths')
+  report.pop("shard_lengths")
   print(json.dumps(report, indent=2))
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   app.run(main)

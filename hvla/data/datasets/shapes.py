@@ -17,17 +17,17 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
-SHAPES = ('circle', 'square', 'triangle', 'star', 'diamond', 'hexagon', 'cross',
-          'crescent')
+SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon", "cross",
+          "crescent")
 COLORS = {
-    'red': (220, 45, 45), 'green': (50, 170, 70), 'blue': (45, 95, 225),
-    'yellow': (235, 215, 50), 'purple': (145, 70, 190), 'orange': (245, 145, 35),
-    'cyan': (60, 205, 215), 'white': (240, 240, 240),
+    "red": (220, 45, 45), "green": (50, 170, 70), "blue": (45, 95, 225),
+    "yellow": (235, 215, 50), "purple": (145, 70, 190), "orange": (245, 145, 35),
+    "cyan": (60, 205, 215), "white": (240, 240, 240),
 }
-SIZES = {'small': (0.16, 0.22), 'medium': (0.26, 0.34), 'large': (0.40, 0.48)}
-TEXTURES = ('striped', 'dotted', 'checkered')
-COUNTS = ('one', 'two', 'three', 'four')
-SPLITS = ('train', 'validation', 'test')
+SIZES = {"small": (0.16, 0.22), "medium": (0.26, 0.34), "large": (0.40, 0.48)}
+TEXTURES = ("striped", "dotted", "checkered")
+COUNTS = ("one", "two", "three", "four")
+SPLITS = ("train", "validation", "test")
 # The auto-trained tokenizer has at most this many pieces; text towers for this dataset
 # need vocab_size >= it.
 SHAPES_VOCAB_SIZE = 512
@@ -49,10 +49,10 @@ class Obj:
   def noun_phrase(self, with_size):
     words = ([self.size] if with_size else []) + (
         [self.texture] if self.texture else []) + [self.color, self.shape]
-    return ('an ' if words[0][0] in 'aeiou' else 'a ') + ' '.join(words)
+    return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
 
   def label(self):
-    return ' '.join([self.size] + ([self.texture] if self.texture else [])
+    return " ".join([self.size] + ([self.texture] if self.texture else [])
                     + [self.color, self.shape])
 
 
@@ -84,18 +84,18 @@ def sample_scene(rng, textures=True):
 
 def _unit_polygon(shape):
   """Vertices in [-1, 1]^2 (y down) of the polygonal shapes."""
-  if shape == 'square':
+  if shape == "square":
     return [(-1, -1), (1, -1), (1, 1), (-1, 1)]
-  if shape == 'diamond':
+  if shape == "diamond":
     return [(0, -1), (1, 0), (0, 1), (-1, 0)]
-  if shape == 'triangle':
+  if shape == "triangle":
     return [(0, -1), (1, 1), (-1, 1)]
-  if shape == 'hexagon':
+  if shape == "hexagon":
     return [(math.cos(a), math.sin(a)) for a in np.arange(6) * math.pi / 3]
-  if shape == 'star':
+  if shape == "star":
     return [((1 if k % 2 == 0 else 0.45) * math.cos(a), (1 if k % 2 == 0 else 0.45) *
              math.sin(a)) for k, a in enumerate(-math.pi / 2 + np.arange(10) * math.pi / 5)]
-  if shape == 'cross':
+  if shape == "cross":
     t = 0.33
     return [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1),
             (-t, t), (-1, t), (-1, -t), (-t, -t)]
@@ -104,12 +104,12 @@ def _unit_polygon(shape):
 
 def _object_mask(obj, canvas):
   """The object's silhouette as an 'L' image of the full canvas."""
-  mask = Image.new('L', (canvas, canvas), 0)
+  mask = Image.new("L", (canvas, canvas), 0)
   draw = ImageDraw.Draw(mask)
   r, cx, cy = obj.side * canvas / 2, obj.cx * canvas, obj.cy * canvas
-  if obj.shape in ('circle', 'crescent'):
+  if obj.shape in ("circle", "crescent"):
     draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
-    if obj.shape == 'crescent':
+    if obj.shape == "crescent":
       draw.ellipse((cx - 0.45 * r, cy - 1.05 * r, cx + 1.25 * r, cy + 0.65 * r), fill=0)
   else:
     a = math.radians(obj.angle)
@@ -126,9 +126,9 @@ def _texture(texture, color, width, height, period):
   if texture:
     yy, xx = np.mgrid[:height, :width]
     pattern = {
-        'striped': (xx + yy) // period % 2 == 0,
-        'checkered': (xx // period + yy // period) % 2 == 0,
-        'dotted': (((xx % period) - period / 2) ** 2 + ((yy % period) - period / 2) ** 2
+        "striped": (xx + yy) // period % 2 == 0,
+        "checkered": (xx // period + yy // period) % 2 == 0,
+        "dotted": (((xx % period) - period / 2) ** 2 + ((yy % period) - period / 2) ** 2
                    < (period / 3) ** 2),
     }[texture]
     fill[pattern] = (np.asarray(color) * 0.4).astype(np.uint8)
@@ -139,7 +139,7 @@ def render(objs, image_size, rng):
   """Draws the scene; returns (uint8 [S, S, 3], tight boxes [N, 4] in [0, 1])."""
   canvas = image_size * _SUPERSAMPLE
   background = tuple(int(v) for v in rng.integers(15, 60) + rng.integers(-8, 9, 3))
-  img = Image.new('RGB', (canvas, canvas), background)
+  img = Image.new("RGB", (canvas, canvas), background)
   boxes = []
   for obj in objs:
     mask = _object_mask(obj, canvas)
@@ -156,21 +156,21 @@ def render(objs, image_size, rng):
 # Language.
 # -------------------------------------------------------------------------------------
 def _location(obj):
-  col = 'left' if obj.cx < 0.36 else 'right' if obj.cx > 0.64 else None
-  row = 'top' if obj.cy < 0.36 else 'bottom' if obj.cy > 0.64 else None
+  col = "left" if obj.cx < 0.36 else "right" if obj.cx > 0.64 else None
+  row = "top" if obj.cy < 0.36 else "bottom" if obj.cy > 0.64 else None
   if row and col:
-    return f'in the {row} {col} corner'
+    return f"in the {row} {col} corner"
   if row:
-    return f'at the {row}'
-  return f'on the {col}' if col else 'in the centre'
+    return f"at the {row}"
+  return f"on the {col}" if col else "in the centre"
 
 
 def _relation(a, b):
   """Where a is with respect to b."""
   dx, dy = b.cx - a.cx, b.cy - a.cy
   if abs(dx) >= abs(dy):
-    return 'to the left of' if dx > 0 else 'to the right of'
-  return 'above' if dy > 0 else 'below'
+    return "to the left of" if dx > 0 else "to the right of"
+  return "above" if dy > 0 else "below"
 
 
 def describe(objs, rng):
@@ -181,7 +181,7 @@ def describe(objs, rng):
   """
   order = [int(i) for i in rng.permutation(len(objs))]
   objs = [objs[i] for i in order]
-  prefix = ('', '', 'an image of ', 'a picture of ', 'a drawing of ')[rng.integers(5)]
+  prefix = ("", "", "an image of ", "a picture of ", "a drawing of ")[rng.integers(5)]
   caption, spans = prefix, []
 
   def say(obj):
@@ -192,15 +192,15 @@ def describe(objs, rng):
 
   for k in range(0, len(objs), 2):
     if k:
-      caption += ', and ' if k + 2 >= len(objs) else ', '
+      caption += ", and " if k + 2 >= len(objs) else ", "
     say(objs[k])
     if k + 1 < len(objs):
-      caption += f' {_relation(objs[k], objs[k + 1])} '
+      caption += f" {_relation(objs[k], objs[k + 1])} "
       say(objs[k + 1])
     else:
-      caption += ' ' + _location(objs[k])
-  names = [f'{"an" if o.color[0] in "aeiou" else "a"} {o.color} {o.shape}' for o in objs]
-  summary = names[0] if len(names) == 1 else ', '.join(names[:-1]) + ' and ' + names[-1]
+      caption += " " + _location(objs[k])
+  names = [f"{'an' if o.color[0] in 'aeiou' else 'a'} {o.color} {o.shape}" for o in objs]
+  summary = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
   concepts = list(dict.fromkeys(w for o in objs for w in (o.shape, o.color, o.texture)
                                 if w))
   return dict(caption=caption, summary=summary, concepts=concepts,
@@ -212,16 +212,16 @@ def make_example(rng, image_size, textures=True):
   objs = sample_scene(rng, textures)
   pixels, boxes = render(objs, image_size, rng)
   text = describe(objs, rng)
-  order = text.pop('order')
+  order = text.pop("order")
   labels = [objs[i].label() for i in order]
   largest = max(objs, key=lambda o: o.side)
   buf = io.BytesIO()
-  Image.fromarray(pixels).save(buf, format='PNG')
+  Image.fromarray(pixels).save(buf, format="PNG")
   return dict(
-      image=buf.getvalue(), caption=text['caption'], summary=text['summary'],
-      tags=', '.join(labels), concepts=text['concepts'],
+      image=buf.getvalue(), caption=text["caption"], summary=text["summary"],
+      tags=", ".join(labels), concepts=text["concepts"],
       rois=dict(boxes=boxes[order], labels=labels),
-      phrases=text['phrases'], phrase_boxes=boxes[order],
+      phrases=text["phrases"], phrase_boxes=boxes[order],
       shape=SHAPES.index(largest.shape), color=list(COLORS).index(largest.color),
       count=len(objs) - 1)
 
@@ -243,13 +243,13 @@ def shapes_config(image_size=64, num_train=10_000, num_validation=1_000, num_tes
                   seed=0, textures=True):
   """A builder config named after its options, so different builds never collide."""
   if not 16 <= image_size <= 1024:
-    raise ValueError(f'shapes.image_size must be in [16, 1024], got {image_size}')
+    raise ValueError(f"shapes.image_size must be in [16, 1024], got {image_size}")
   for key, n in dict(num_train=num_train, num_validation=num_validation,
                      num_test=num_test).items():
     if n < 1:
-      raise ValueError(f'shapes.{key} must be >= 1, got {n}')
-  name = (f'{image_size}px_{num_train}_{num_validation}_{num_test}_seed{seed}'
-          + ('' if textures else '_plain'))
+      raise ValueError(f"shapes.{key} must be >= 1, got {n}")
+  name = (f"{image_size}px_{num_train}_{num_validation}_{num_test}_seed{seed}"
+          + ("" if textures else "_plain"))
   return ShapesConfig(name=name, image_size=image_size, num_train=num_train,
                       num_validation=num_validation, num_test=num_test, seed=seed,
                       textures=textures)
@@ -258,7 +258,7 @@ def shapes_config(image_size=64, num_train=10_000, num_validation=1_000, num_tes
 class HvlaShapes(tfds.core.GeneratorBasedBuilder):
   """Procedural shapes scenes with captions, regions, phrases and class labels."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = [shapes_config()]
 
   @tfds.core.utils.classproperty
@@ -274,20 +274,20 @@ class HvlaShapes(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description=__doc__,
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(size, size, 3), encoding_format='png'),
-            'caption': tfds.features.Text(),
-            'summary': tfds.features.Text(),
-            'tags': tfds.features.Text(),
-            'concepts': tfds.features.Sequence(tfds.features.Text()),
-            'rois': {
-                'boxes': tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
-                'labels': tfds.features.Sequence(tfds.features.Text()),
+            "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
+            "caption": tfds.features.Text(),
+            "summary": tfds.features.Text(),
+            "tags": tfds.features.Text(),
+            "concepts": tfds.features.Sequence(tfds.features.Text()),
+            "rois": {
+                "boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+                "labels": tfds.features.Sequence(tfds.features.Text()),
             },
-            'phrases': tfds.features.Tensor(shape=(None, 2), dtype=np.int32),
-            'phrase_boxes': tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
-            'shape': tfds.features.ClassLabel(names=SHAPES),
-            'color': tfds.features.ClassLabel(names=list(COLORS)),
-            'count': tfds.features.ClassLabel(names=COUNTS),
+            "phrases": tfds.features.Tensor(shape=(None, 2), dtype=np.int32),
+            "phrase_boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+            "shape": tfds.features.ClassLabel(names=SHAPES),
+            "color": tfds.features.ClassLabel(names=list(COLORS)),
+            "count": tfds.features.ClassLabel(names=COUNTS),
         }),
         disable_shuffling=True,
     )
@@ -298,7 +298,7 @@ class HvlaShapes(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split):
     cfg = self.builder_config
-    n = getattr(cfg, f'num_{split}')
+    n = getattr(cfg, f"num_{split}")
     for i in range(n):
       rng = np.random.default_rng([cfg.seed, SPLITS.index(split), i])
       yield i, make_example(rng, cfg.image_size, cfg.textures)
