@@ -183,6 +183,21 @@ def test_variants_are_timed_interleaved_and_keep_the_model_flops():
   assert '| remat | model.remat=full |' in table and '| 1.00x |' in table
 
 
+def test_another_config_is_measured_alongside_with_its_flop_ratio():
+  clip = benchmark.load_config_file('configs/clip_vitb16.py:runlocal')
+  assert clip.batch_size == 64 and set(clip.objective.terms) == {'clip'}
+  with pytest.raises(FileNotFoundError, match='No config file'):
+    benchmark.load_config_file('configs/nope.py')
+  pyramid = tiny.shrink(benchmark.load_config_file('configs/pyramid_vitb16.py:runlocal'),
+                        text_depth=1)
+  results = benchmark.measure_variants(tiny_config(), [('config', [])], steps=1, warmup=0,
+                                       aot=True, others=[('pyramid', pyramid)])
+  ratio = results[1]['flops_per_step'] / results[0]['flops_per_step']
+  assert ratio > 1.5  # two views, three texts and the ROI pass against one view, one text
+  assert '| pyramid | (another config) |' in benchmark.format_table(results)
+  assert f'| {ratio:.2f}x |' in benchmark.format_table(results)
+
+
 def test_lowered_flops_and_parameter_count_by_hand():
   a = jax.ShapeDtypeStruct((8, 16), np.float32)
   b = jax.ShapeDtypeStruct((16, 4), np.float32)

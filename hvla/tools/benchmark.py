@@ -5,6 +5,8 @@ r"""Measures the train step of a config on synthetic batches of the config's lay
   python -m hvla.tools.benchmark --config=configs/clip_vitb16.py --largest_batch --measure_peak
   python -m hvla.tools.benchmark --config=configs/clip_vitb16.py --batch=8 --measure_peak \
       --variant='remat:model.remat=full' --variant='scan:model.scan=True'
+  python -m hvla.tools.benchmark --config=configs/pyramid_vitb16.py --batch=8 \
+      --against=configs/clip_vitb16.py
 
 Prints compile time, median step time over --steps timed steps (after --warmup), examples/s,
 the model's FLOPs per step (see `model_flops`), achieved TFLOP/s, MFU (when the device's
@@ -13,8 +15,9 @@ the configured mesh and batch and reports the per-device memory of the compiled 
 so an out-of-memory configuration shows before any hardware is booked. --largest_batch
 first finds the largest batch that fits in the device's memory (or --memory_gib) by
 compiling, and then measures that batch. Each --variant is
-the config with some keys changed; all are compiled, their timed steps alternate (so
-their ratios hold on a loaded machine) and a table compares them.
+the config with some keys changed, and each --against another config file; all are
+compiled, their timed steps alternate (so their ratios hold on a loaded machine) and a
+table compares them, FLOPs included.
 """
 import ast
 import json
@@ -51,6 +54,9 @@ def define_flags():
   flags.DEFINE_multi_string(
       "variant", [], "name:key=value[;key=value...]: the config with these changes, "
       "measured beside it (repeatable); their steps alternate with the config's.")
+  flags.DEFINE_multi_string(
+      "against", [], "Another config file[:args], measured in the same run as --config with "
+      "its steps interleaved (e.g. configs/clip_vitb16.py against a PyramidCLIP config).")
   flags.DEFINE_bool("largest_batch", False, "First search the largest global batch whose "
                     "compiled step fits in --memory_gib per device (see `largest_batch`), "
                     "then measure the config at that batch.")
@@ -276,17 +282,22 @@ def device_memory_bytes():
   return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
 
 
-def measure_variants(config, variants, *, steps, warmup, aot, peak_tflops=None):
-  """Results of `config` changed by each of `variants` [(name, overrides)], compiled
-  one by one and timed interleaved (see `time_interleaved`)."""
+def measure_variants(config, variants, *, steps, warmup, aot, peak_tflops=None, others=()):
+  """Results of `config` changed by each of `variants` [(name, overrides)], and of the
+  configs `others` [(name, config)], compiled one by one and timed interleaved (see
+  `time_interleaved`)."""
   import jax  # pylint: disable=g-import-not-at-top
-  names = [name for name, _ in variants]
+  names = [name for name, _ in variants] + [name for name, _ in others]
   if len(set(names)) != len(names):
     raise ValueError(f"Variant names must differ, got {names}.")
   cases = []
   for name, overrides in variants:
     case = Case(name, apply_overrides(config, overrides), aot)
     case.results["overrides"] = list(overrides)
+    cases.append(case)
+  for name, other in others:
+    case = Case(name, other, aot)
+    case.results["overrides"] = ["(another config)"]
     cases.append(case)
   if aot:
     return [case.results for case in cases]
@@ -311,13 +322,17 @@ def format_table(results):
   """A markdown table of `measure_variants` results, times also as a ratio to the first."""
   gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
   timed = "step_seconds_median" in results[0]
-  header = ["variant", "changes", "compile s", "memory/device GiB"]
+  header = ["variant", "changes", "compile s", "memory/device GiB", "FLOPs/step",
+            "FLOPs vs first"]
   if timed:
     header += ["step s (median)", "examples/s", "TFLOP/s", "MFU", "time vs first"]
   lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+  first_flops = results[0].get("flops_per_step") or 0
   for r in results:
+    flops = r.get("flops_per_step") or 0
     row = [r["name"], "; ".join(r["overrides"]) or "-", f"{r['compile_seconds']:.0f}",
-           gib(r["memory_per_device"].get("peak", 0))]
+           gib(r["memory_per_device"].get("peak", 0)), f"{flops:.4g}",
+           f"{flops / first_flops:.2f}x" if first_flops else "-"]
     if timed:
       mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
       ratio = r["step_seconds_median"] / results[0]["step_seconds_median"]
@@ -351,11 +366,27 @@ def format_results(r):
   return "\n".join(lines)
 
 
+def load_config_file(spec):
+  """'path/to/config.py[:args]' -> that file's `get_config(args)`."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_hvla_config", path)
+  if module_spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f"No config file {path!r}.")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
 def main(argv):
   del argv
   config = FLAGS.config
+  others = [(os.path.basename(spec.partition(":")[0]).removesuffix(".py"),
+             load_config_file(spec)) for spec in FLAGS.against]
   if FLAGS.batch:
     config.batch_size = FLAGS.batch
+    for _, other in others:
+      other.batch_size = FLAGS.batch
   if FLAGS.largest_batch:
     memory = FLAGS.memory_gib * 2**30 if FLAGS.memory_gib else device_memory_bytes()
     if not memory:
@@ -371,11 +402,12 @@ def main(argv):
   variants = [("config", [])] + [parse_variant(v) for v in FLAGS.variant]
   if FLAGS.measure_peak:
     dtypes = {apply_overrides(config, changes).model.dtype for _, changes in variants}
+    dtypes |= {other.model.dtype for _, other in others}
     peak = {dtype: matmul_peak_tflops(dtype) for dtype in sorted(dtypes)}
     print("peak             " + ", ".join(f"{dtype} matmul {tflops:.3f} TFLOP/s"
                                           for dtype, tflops in peak.items()))
   results = measure_variants(config, variants, steps=FLAGS.steps, warmup=FLAGS.warmup,
-                             aot=FLAGS.aot, peak_tflops=peak)
+                             aot=FLAGS.aot, peak_tflops=peak, others=others)
   for r in results:
     print(f"\n[{r['name']}] {'; '.join(r['overrides'])}\n{format_results(r)}")
   if len(results) > 1:
