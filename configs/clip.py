@@ -2,6 +2,7 @@
 import math
 
 from configs import common
+from hvla import losses
 
 
 def get_clip_config(arg, patch_size):
@@ -13,12 +14,9 @@ def get_clip_config(arg, patch_size):
   config.data.dataset = arg.data
   config.data.views.image.size = config.model.image.image_size
   config.data.text.max_len = config.model.text.max_len
-  config.objective.name = "clip"
-  config.objective.loss = arg.loss
-  common.contrastive_execution(config.objective)
-  if arg.loss == "sigmoid":  # SigLIP: logit scale ln 10, bias -10.
+  config.objective.terms = {"clip": losses.term_config("clip", loss=arg.loss)}
+  if arg.loss == "sigmoid":  # SigLIP: logit scale ln 10, bias -10 (the term's bias_init).
     config.model.logit_scale_init = math.log(10.0)
-    config.model.logit_bias_init = -10.0
   if arg.runlocal:
     common.runlocal(config)
   return common.apply_run_args(config, arg)

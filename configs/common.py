@@ -85,14 +85,6 @@ def shapes_evals(every_steps):
   })
 
 
-def contrastive_execution(objective):
-  """Gives `objective` the keys that choose how its contrastive terms run (dense by
-  default; docs/scaling.md), so the command line can set them:
-  --config.objective.strategy=sharded --config.objective.block_size=1024."""
-  objective.strategy = "dense"
-  objective.block_size = ml_collections.config_dict.placeholder(int)
-
-
 def yfcc_recipe():
   """The schedule that PyramidCLIP and its CLIP baselines share: 32 epochs at batch
   4096, 1 warm-up epoch, AdamW lr 5e-4, eps 1e-8, weight decay 0.1, bfloat16."""

@@ -4,11 +4,15 @@ pyramid_rn50.py); docs/pyramid.md explains every switch.
 Arguments (after the colon): runlocal, evals=false, batch=N, steps=N, data=NAME,
 roi=boxes|features, alpha=, lam=, mu=, and for the ViT configs leff=true|false and
 freeze_patch_embed=true|false (both on by default, as in the official model).
+siglip=W adds a SigLIP term of weight W on (local view, caption) beside the six: a
+combination of methods, read from the same tower passes (no tower runs twice).
 """
 import ml_collections
 
 from configs import common
 from hvla import evaluators
+from hvla import losses
+from hvla.losses import pyramid
 from hvla.models import resnet
 
 # Train-time views [recon]: the global view barely crops, the local view crops more.
@@ -21,7 +25,7 @@ def get_pyramid_config(arg, *, patch_size=None):
   """PyramidCLIP with a ViT-B/`patch_size` image tower, or CLIP's RN50 when None."""
   vit = patch_size is not None
   spec = dict(runlocal=False, evals=True, batch=0, steps=0, data="yfcc15m_v2", roi="boxes",
-              alpha=0.2, lam=1 / 3, mu=1 / 3)
+              alpha=0.2, lam=1 / 3, mu=1 / 3, siglip=0.0)
   if vit:
     spec.update(leff=True, freeze_patch_embed=True)
   arg = common.parse_arg(arg, **spec)
@@ -48,9 +52,10 @@ def get_pyramid_config(arg, *, patch_size=None):
   data.text.max_len = model.text.max_len = 77
   data.rois.max_regions = 10  # [paper]
 
-  config.objective = ml_collections.ConfigDict(dict(
-      name="pyramid", alpha=arg.alpha, lam=arg.lam, mu=arg.mu))
-  common.contrastive_execution(config.objective)
+  config.objective.terms = pyramid.terms(alpha=arg.alpha, lam=arg.lam, mu=arg.mu)
+  if arg.siglip:
+    config.objective.terms.siglip = losses.term_config(
+        "clip", weight=arg.siglip, loss="sigmoid", image_view="local", text_field="caption")
   if arg.runlocal:
     runlocal(config, vit)
   return common.apply_run_args(config, arg)

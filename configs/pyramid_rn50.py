@@ -9,7 +9,8 @@ Run (accelerators; data built with hvla.tools.build_dataset):
       --workdir=gs://.../pyramid_rn50
 
 Arguments: runlocal, evals=false, batch=N, steps=N, data=TFDS_NAME_OR_DIR,
-roi=boxes|features, alpha=, lam=, mu=.
+roi=boxes|features, alpha=, lam=, mu=, siglip=W
+(adds a SigLIP term of weight W on the local view and the caption).
 
 Expected: ImageNet zero-shot top-1 47.8% after 32 epochs of YFCC15M-V2 at batch 4096
 (CLIP at equal data: 37.2%) [paper]. runlocal (a 1-1-1-1 block ResNet of width 16 at

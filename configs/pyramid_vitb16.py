@@ -12,7 +12,8 @@ Against the CLIP baseline at equal steps, data and towers:
   python -m hvla.tools.compare --configs=clip_vitb16,pyramid_vitb16 --workdir=/tmp/compare
 
 Arguments: runlocal, evals=false, batch=N, steps=N, data=TFDS_NAME_OR_DIR,
-roi=boxes|features, leff=true|false, freeze_patch_embed=true|false, alpha=, lam=, mu=.
+roi=boxes|features, leff=true|false, freeze_patch_embed=true|false, alpha=, lam=, mu=,
+siglip=W (adds a SigLIP term of weight W on the local view and the caption).
 
 Expected: ImageNet zero-shot top-1 50.7% after 32 epochs of YFCC15M-V2 at batch 4096
 (CLIP at equal data: 40.7%) [paper]. runlocal, measured by hvla on a 2-core CPU with

@@ -12,7 +12,8 @@ Against the CLIP baseline at equal steps, data and towers:
   python -m hvla.tools.compare --configs=clip_vitb32,pyramid_vitb32 --workdir=/tmp/compare
 
 Arguments: runlocal, evals=false, batch=N, steps=N, data=TFDS_NAME_OR_DIR,
-roi=boxes|features, leff=true|false, freeze_patch_embed=true|false, alpha=, lam=, mu=.
+roi=boxes|features, leff=true|false, freeze_patch_embed=true|false, alpha=, lam=, mu=, siglip=W
+(adds a SigLIP term of weight W on the local view and the caption).
 
 Expected: ImageNet zero-shot top-1 46.0% after 32 epochs of YFCC15M-V2 at batch 4096
 (CLIP at equal data: 32.8%) [paper]. runlocal shrinks the towers to those of

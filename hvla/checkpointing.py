@@ -68,16 +68,19 @@ def find_checkpoint(path):
   raise FileNotFoundError(f"No complete checkpoint found at {path}.")
 
 
+def load_tree(state_dir):
+  """A checkpoint's `state` item as host numpy arrays: independent of the device
+  topology it was written on."""
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(state_dir).item_metadata.tree
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+
+
 def load_params(path):
   """The parameters of the newest checkpoint at `path`, as host numpy arrays."""
   root, step = find_checkpoint(path)
-  state_dir = os.path.join(root, str(step), "state")
-  checkpointer = ocp.PyTreeCheckpointer()
-  # As host arrays: independent of the device topology the checkpoint was written on.
-  tree = checkpointer.metadata(state_dir).item_metadata.tree
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  state = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
-  return state["params"], step
+  return load_tree(os.path.join(root, str(step), "state"))["params"], step
 
 
 def param_checksum(params):

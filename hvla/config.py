@@ -47,7 +47,10 @@ def base_config():
 
   c.model = models.default_model_config()
   c.data = pipeline.default_data_config()
-  c.objective = ml_collections.ConfigDict({"name": "clip"})
+  # How every contrastive term runs (docs/scaling.md) and the weighted terms.
+  c.objective = ml_collections.ConfigDict(dict(
+      strategy="dense", block_size=ml_collections.config_dict.placeholder(int),
+      terms={"clip": losses.term_config("clip")}))
   c.evals = ml_collections.ConfigDict()
 
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -143,4 +146,3 @@ def validate(config):
   for name, ev in config.evals.items():
     _require(ev.get("every_steps", 1) > 0, f"evals.{name}.every_steps", "must be positive.")
   return config
-

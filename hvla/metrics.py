@@ -78,7 +78,7 @@ def quiet_library_logs():
 def console_line(step, total_steps, scalars):
   """A concise progress line: step, every loss term, lr, throughput, ETA."""
   parts = [f"step {step}/{total_steps}"]
-  for key in sorted(k for k in scalars if k.startswith("loss")):
+  for key in sorted(k for k in scalars if k == "loss" or k.endswith("/loss")):
     parts.append(f"{key} {scalars[key]:.4f}")
   if "lr" in scalars:
     parts.append(f"lr {scalars['lr']:.2e}")

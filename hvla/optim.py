@@ -99,6 +99,25 @@ def gradient_norm(grads):
   return optax.global_norm(jax.lax.optimization_barrier(grads))
 
 
+def check_bounds(params, bounds):
+  """Raises ValueError when `bounds` names a parameter that `params` does not have."""
+  names = {path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+  unknown = sorted(set(bounds) - names)
+  if unknown:
+    raise ValueError(f"Bounds for parameter(s) {unknown} that do not exist.")
+
+
+def project(params, bounds):
+  """The parameters with those named in `bounds` ({'/'-path: (low, high)}) clipped into
+  their range; applied after every update, so a bounded parameter keeps its gradient."""
+  check_bounds(params, bounds)
+
+  def clip(path, p):
+    low, high = bounds.get(path_name(path), (None, None))
+    return p if low is None else jnp.clip(p, low, high).astype(p.dtype)
+  return jax.tree_util.tree_map_with_path(clip, params)
+
+
 def make_optimizer(config, params, examples_per_epoch=None):
   """Returns (optax transformation, schedule). `params` fixes the masks' structure."""
   opt = config.optimizer

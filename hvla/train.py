@@ -2,17 +2,19 @@
 
 The model, the objective and the evaluators are picked by name from the config; this
 file never knows which ones run. State is a plain dict {step, params, opt_state, rng}
-created already sharded on the mesh, updated in place (donated) by the train step, and
-checkpointed asynchronously together with the data-iterator position.
+(and `objective`, the objective's state, when a term keeps one) created already sharded
+on the mesh, updated in place (donated) by the train step, and checkpointed
+asynchronously together with the data-iterator position.
 """
+import functools
 import json
 import os
 import time
 
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 
@@ -45,31 +47,49 @@ class Setup:
     self.rules = sharding.rules(config)
     self.model = models.get_model(config.model)
     self.objective = losses.get_objective(config.objective)
+    self.objective.check(self.model)
+    self.encoders = self.objective.encoders(self.model)
     self.total_steps = optim.total_steps(config, examples_per_epoch)
     self._examples_per_epoch = examples_per_epoch
-    self._abstract_boxed = jax.eval_shape(self._init_params, jax.random.PRNGKey(0))
-    params = nn.unbox(self._abstract_boxed)
+    abstract_boxed = jax.eval_shape(self._init_boxed, jax.random.PRNGKey(0))
+    params = nn.unbox(abstract_boxed["params"])
+    self.bounds = {**models.param_bounds(self.model), **self.objective.param_bounds()}
+    optim.check_bounds(params, self.bounds)
     self.tx, self.schedule = optim.make_optimizer(config, params, examples_per_epoch)
-    self.state_shardings = self._state_shardings(params)
+    self.state_shardings = self._state_shardings(abstract_boxed, params)
 
-  def _init_params(self, rng):
+  def _init_boxed(self, rng):
+    """Parameters (the towers', then the objective's own) and the objective's state,
+    in flax's logical-axis boxes."""
     image_size = self.config.model.image.image_size
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     tokens = jnp.zeros((1, self.config.model.text.max_len), jnp.int32)
-    return self.model.init({"params": rng}, images, tokens)["params"]
+    model_rng, objective_rng = jax.random.split(rng)
+    params = dict(self.model.init({"params": model_rng}, images, tokens)["params"])
+    own = self.objective.init_params(objective_rng)
+    if own:
+      params["objective"] = own
+    return {"params": params, "objective": self.objective.init_state(params)}
 
-  def _state_shardings(self, params):
-    param_shardings = sharding.logical_shardings(self._abstract_boxed, self.mesh, self.rules)
+  def _state_shardings(self, abstract_boxed, params):
+    boxed_shardings = sharding.logical_shardings(abstract_boxed, self.mesh, self.rules)
     replicated = sharding.replicated(self.mesh)
     opt_shardings = sharding.like_params(
-        jax.eval_shape(self.tx.init, params), params, param_shardings, replicated)
-    return {"step": replicated, "params": param_shardings, "opt_state": opt_shardings,
-            "rng": replicated}
+        jax.eval_shape(self.tx.init, params), params, boxed_shardings["params"], replicated)
+    shardings = {"step": replicated, "params": boxed_shardings["params"],
+                 "opt_state": opt_shardings, "rng": replicated}
+    if boxed_shardings["objective"]:
+      shardings["objective"] = boxed_shardings["objective"]
+    return shardings
 
   def _init_state(self, rng):
-    params = nn.unbox(self._init_params(rng))
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": self.tx.init(params), "rng": rng}
+    boxed = nn.unbox(self._init_boxed(rng))
+    params = boxed["params"]
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": self.tx.init(params), "rng": rng}
+    if boxed["objective"]:
+      state["objective"] = boxed["objective"]
+    return state
 
   def init_state(self):
     """A fresh state, created directly in its shardings (never whole on one device)."""
@@ -77,7 +97,9 @@ class Setup:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return jax.jit(self._init_state, out_shardings=self.state_shardings)(rng)
 
+  @functools.cache
   def abstract_state(self):
+    """The state's shapes, dtypes and shardings (traced once)."""
     shapes = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, self.state_shardings)
@@ -95,32 +117,43 @@ class Setup:
   # The train step.
   # --------------------------------------------------------------------------------------
   def train_step_fn(self):
+    """state, batch -> new state, metrics: the towers' passes, the objective's loss and
+    gradient (over `accum_steps` micro-batches), the update, the parameters' bounds, then
+    the objective's state."""
     model, objective, tx, schedule = self.model, self.objective, self.tx, self.schedule
-
-    accum_steps = self.config.accum_steps
-
-    def embed(params, batch, rng):
-      return objective.embed(model, params, batch, train=True, rng=rng)
+    accum_steps, total_steps, bounds = self.config.accum_steps, self.total_steps, self.bounds
 
     def train_step(state, batch):
-      rng = jax.random.fold_in(state["rng"], state["step"])
-      if accum_steps > 1:
-        (loss, metrics), grads = grad_cache.value_and_grad(
-            embed, objective.loss, state["params"], batch, rng, accum_steps)
-      else:
-        (loss, metrics), grads = jax.value_and_grad(
-            lambda p: objective.loss(p, embed(p, batch, rng)), has_aux=True)(state["params"])
+      ctx = losses.Context(step=state["step"], total_steps=total_steps,
+                           rng=jax.random.fold_in(state["rng"], state["step"]))
+      objective_state = state.get("objective", {})
+      pass_rng, loss_rng = jax.random.split(ctx.rng)
+
+      def embed(params, batch, rng, grad):
+        return objective.embed(model, params, objective_state, batch, train=True, rng=rng,
+                               grad=grad)
+
+      def loss(params, features, fixed):
+        return objective.loss(params, objective_state, {**features, **fixed},
+                              ctx._replace(rng=loss_rng))
+
+      (value, metrics), grads, features = grad_cache.value_and_grad(
+          embed, loss, state["params"], batch, pass_rng, accum_steps)
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-      params = optax.apply_updates(state["params"], updates)
-      metrics = dict(metrics, loss=loss, lr=schedule(state["step"]),
+      params = optim.project(optax.apply_updates(state["params"], updates), bounds)
+      metrics = dict(metrics, loss=value, lr=schedule(state["step"]),
                      grad_norm=optim.gradient_norm(grads), param_norm=optax.global_norm(params))
       new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+      if objective_state:
+        new_state["objective"] = objective.update_state(
+            objective_state, params, jax.lax.stop_gradient(features),
+            ctx._replace(rng=loss_rng))
       return new_state, metrics
 
     return train_step
 
-  def compile_train_step(self, batch_spec):
-    """Ahead-of-time compiles the train step for a batch of `batch_spec` shapes."""
+  def lower_train_step(self, batch_spec):
+    """The train step traced and lowered for a batch of `batch_spec` shapes."""
     batch_sharding = sharding.batch_sharding(self.mesh)
     jitted = jax.jit(
         self.train_step_fn(),
@@ -130,7 +163,13 @@ class Setup:
     abstract_batch = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding), batch_spec)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return jitted.lower(self.abstract_state(), abstract_batch).compile()
+      return jitted.lower(self.abstract_state(), abstract_batch)
+
+  def compile_train_step(self, batch_spec):
+    """Ahead-of-time compiles the train step for a batch of `batch_spec` shapes."""
+    lowered = self.lower_train_step(batch_spec)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return lowered.compile()
 
 
 def global_batch_spec(host_batch):
@@ -156,7 +195,7 @@ def make_evaluators(setup):
   if not config.evals:
     return {}
   tokenizer = pipeline.tokenizer_for(config.data)
-  return {name: evaluators.get_evaluator(name, ev, model=setup.model, mesh=setup.mesh,
+  return {name: evaluators.get_evaluator(name, ev, encoders=setup.encoders, mesh=setup.mesh,
                                          data_config=config.data, tokenizer=tokenizer)
           for name, ev in config.evals.items()}
 
@@ -183,8 +222,19 @@ def run_evaluators(evals, params, step, writer, only_due=True):
 # ----------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------
+def write_config(config, workdir):
+  """Logs the resolved config and writes it to `<workdir>/config.json` (process 0), so
+  that a run says exactly what it ran, command-line overrides included."""
+  logging.info("Config:\n%s", config)
+  if jax.process_index() == 0:
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
 def train(config, workdir):
   """Trains from scratch or resumes from the newest checkpoint in `workdir`."""
+  write_config(config, workdir)
   pipeline.ensure_dataset(config.data)
   loader = pipeline.make_loader(
       config.data, split=config.data.train_split, global_batch_size=config.batch_size,

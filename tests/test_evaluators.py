@@ -17,6 +17,7 @@ from hvla import config as hvla_config
 from hvla import evaluators, models, sharding
 from hvla.data import pipeline
 from hvla.evaluators import common, grounding, linear_probe, retrieval, templates, zeroshot
+from hvla.losses import Encoders
 
 COLOURS = ("red", "green", "blue")
 PLACES = ("top-left", "top-right", "bottom-left", "bottom-right")
@@ -105,6 +106,7 @@ def shapes(n, seed, informative=True):
 
 
 MODEL = StandInTowers()
+ENCODERS = Encoders.of_towers(MODEL)
 
 
 def random_params(seed=0):
@@ -131,7 +133,7 @@ def mesh_of(num_devices):
 def make(type_name, data, num_devices=8, batch_size=8, **overrides):
   config = evaluators.default_eval_config(type_name, batch_size=batch_size, **overrides)
   cls = common.registered(type_name)
-  return cls(type_name, config, model=MODEL, mesh=mesh_of(num_devices),
+  return cls(type_name, config, encoders=ENCODERS, mesh=mesh_of(num_devices),
              source=ArraySource(data, batch_size), tokenizer=TOKENIZER)
 
 
@@ -199,10 +201,10 @@ def test_registry_and_config_errors():
   with pytest.raises(ValueError, match="unknown keys \\['lable'\\]"):
     evaluators.default_eval_config("zeroshot", lable="colour")
   with pytest.raises(ValueError, match="Unknown evaluator type 'zero'"):
-    evaluators.get_evaluator("x", ml_collections.ConfigDict({"type": "zero"}), model=MODEL,
+    evaluators.get_evaluator("x", ml_collections.ConfigDict({"type": "zero"}), encoders=ENCODERS,
                              mesh=mesh_of(1), data_config=ml_collections.ConfigDict())
   with pytest.raises(ValueError, match="needs a `type`"):
-    evaluators.get_evaluator("x", ml_collections.ConfigDict(), model=MODEL, mesh=mesh_of(1),
+    evaluators.get_evaluator("x", ml_collections.ConfigDict(), encoders=ENCODERS, mesh=mesh_of(1),
                              data_config=ml_collections.ConfigDict())
   with pytest.raises(ValueError, match="batch_size=6 must be divisible"):
     make("retrieval", {"test": shapes(4, 0)}, batch_size=6)
@@ -497,8 +499,8 @@ def test_real_model_sharded_by_logical_rules_on_1_and_8_devices():
                                  ("grounding", {})):
       config = evaluators.default_eval_config(type_name, batch_size=16, **overrides)
       evaluator = common.registered(type_name)(
-          type_name, config, model=model, mesh=mesh, source=ArraySource(data, 16),
-          tokenizer=TOKENIZER)
+          type_name, config, encoders=Encoders.of_towers(model), mesh=mesh,
+          source=ArraySource(data, 16), tokenizer=TOKENIZER)
       with nn.logical_axis_rules(rules):
         run.update(evaluator.run(params)[0])
     results.append(run)
@@ -531,8 +533,9 @@ def test_real_pipeline_and_model_untrained_at_chance(tmp_path_factory):
   scalars, images = {}, {}
   for name, ev in evals.items():
     ev.batch_size = 64
-    evaluator = evaluators.get_evaluator(name, ev, model=model, mesh=mesh_of(8),
-                                         data_config=data, tokenizer=pipeline.tokenizer_for(data))
+    evaluator = evaluators.get_evaluator(name, ev, encoders=Encoders.of_towers(model),
+                                         mesh=mesh_of(8), data_config=data,
+                                         tokenizer=pipeline.tokenizer_for(data))
     s, i = evaluator.run(params)
     scalars.update(s)
     images.update(i)
@@ -566,7 +569,7 @@ def evaluate_everything(mesh):
       ("linear_probe", splits, dict(label="place", shots=(2,)))):
     config = evaluators.default_eval_config(type_name, batch_size=8, **overrides)
     evaluator = common.registered(type_name)(
-        type_name, config, model=MODEL, mesh=mesh, source=ArraySource(split_data, 8),
+        type_name, config, encoders=ENCODERS, mesh=mesh, source=ArraySource(split_data, 8),
         tokenizer=TOKENIZER)
     scalars.update(evaluator.run(random_params(16))[0])
   return scalars

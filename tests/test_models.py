@@ -109,15 +109,28 @@ def test_encode_outputs_shapes_and_norms():
   np.testing.assert_allclose(variables["params"]["logit_scale"], math.log(1 / 0.07), rtol=1e-6)
 
 
-def test_logit_scale_and_bias():
-  model = models.get_model(tiny_config(logit_bias_init=-10.0))
-  # Touching a projection runs `setup`, which creates just the two scalars.
+def test_logit_scale_is_exp_and_bounded_by_projection():
+  model = models.get_model(tiny_config(logit_scale_range=(2.0, 50.0)))
+  # Touching a projection runs `setup`, which creates just the scalar.
   variables = nn.unbox(model.init(jax.random.key(0), method=lambda m: m.img_proj))
-  assert sorted(variables["params"]) == ["logit_bias", "logit_scale"]
-  assert float(variables["params"]["logit_bias"]) == -10.0
+  assert sorted(variables["params"]) == ["logit_scale"]
   np.testing.assert_allclose(models.logit_scale(variables["params"]), 1 / 0.07, rtol=1e-5)
-  np.testing.assert_allclose(models.logit_scale({"logit_scale": jnp.float32(9.0)}), 100.0,
-                             rtol=1e-5)
+  # No clamp in the forward pass (it would cut the gradient past the bound) ...
+  np.testing.assert_allclose(models.logit_scale({"logit_scale": jnp.float32(9.0)}),
+                             np.exp(9.0), rtol=1e-5)
+  # ... the bounds are projected after the update (hvla.optim.project).
+  np.testing.assert_allclose(models.param_bounds(model)["logit_scale"],
+                             (math.log(2.0), math.log(50.0)))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(logit_scale_range=(0.0, 100.0)), "model.logit_scale_range"),
+    (dict(logit_scale_range=(10.0, 1.0)), "model.logit_scale_range"),
+    (dict(logit_scale_range=(1.0, 10.0)), "model.logit_scale_init"),  # ln(1/0.07) > ln 10
+])
+def test_bad_logit_scale_range_is_named(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    models.get_model(tiny_config(**overrides))
 
 
 def test_l2_normalize_matches_numpy():

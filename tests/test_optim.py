@@ -3,7 +3,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -123,3 +122,17 @@ def test_gradient_clipping_by_hand():
   for g, clipped in ((10.0, 0.5), (0.1, 0.1)):  # above and below the threshold
     updates, _ = tx.update({"w": jnp.full(4, g)}, tx.init(p), p)
     np.testing.assert_allclose(updates["w"], -lr * clipped / (clipped + 1.0), rtol=1e-6)
+
+
+def test_project_clips_only_the_bounded_parameters():
+  params = {"logit_scale": jnp.float32(5.0), "objective": {"t": {"tau": jnp.float32(-9.0)}},
+            "w": jnp.full((2,), 7.0)}
+  bounds = {"logit_scale": (0.0, math.log(100.0)), "objective/t/tau": (-6.9, -0.69)}
+  out = optim.project(params, bounds)
+  np.testing.assert_allclose(out["logit_scale"], math.log(100.0), rtol=1e-6)
+  np.testing.assert_allclose(out["objective"]["t"]["tau"], -6.9, rtol=1e-6)
+  np.testing.assert_array_equal(out["w"], params["w"])
+  inside = optim.project({"logit_scale": jnp.float32(2.0)}, {"logit_scale": (0.0, 4.6)})
+  assert float(inside["logit_scale"]) == 2.0
+  with pytest.raises(ValueError, match=r"parameter\(s\) \['nope'\] that do not exist"):
+    optim.project(params, {"nope": (0.0, 1.0)})

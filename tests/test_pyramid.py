@@ -3,7 +3,6 @@ path and its padding, the configs, a train step on 8 fake devices and the compar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import AxisType
@@ -17,20 +16,42 @@ from hvla.losses import pyramid
 from hvla.models import layers, resnet
 from hvla.tools import compare
 
-LEVELS = ('global', 'local', 'roi', 'summary', 'caption', 'tags')
+IMAGE_LEVELS = ('global', 'local', 'roi')
+TEXT_FIELDS = ('summary', 'caption', 'tags')
+CTX = losses.Context(step=jnp.int32(0), total_steps=10, rng=jax.random.PRNGKey(0))
 
 
 def objective(**options):
-  return losses.get_objective(ml_collections.ConfigDict(dict(name='pyramid', **options)))
+  """PyramidCLIP's six terms, `options` passed to `pyramid.terms` (alpha, lam, mu) or,
+  for strategy / block_size, to the objective."""
+  execution = {k: options.pop(k) for k in ('strategy', 'block_size') if k in options}
+  return losses.get_objective(dict(terms=pyramid.terms(**options), **execution))
 
 
-def random_features(n, d=5, seed=0):
+def random_levels(n, d=5, seed=0):
+  """Normalised embeddings per level: global, local, roi (images), summary, caption, tags."""
   rng = np.random.default_rng(seed)
   out = {}
-  for level in LEVELS:
+  for level in IMAGE_LEVELS + TEXT_FIELDS:
     x = rng.normal(size=(n, d))
     out[level] = jnp.asarray(x / np.linalg.norm(x, axis=1, keepdims=True), jnp.float32)
   return out
+
+
+def as_features(obj, levels):
+  """The objective's features (by pass) holding the given level embeddings."""
+  image = {'encode_image_with_rois(images/global, rois)': {
+               'embedding': levels['global'], 'roi_embedding': levels['roi']},
+           'encode_image(images/local)': {'embedding': levels['local']}}
+  text = {f'encode_text(tokens/{f})': {'embedding': levels[f]} for f in TEXT_FIELDS}
+  features = {**image, **text}
+  assert set(features) == set(obj.passes)
+  return features
+
+
+def pyramid_loss(obj, scale, levels):
+  params = {'logit_scale': jnp.float32(np.log(scale))}
+  return obj.loss(params, {}, as_features(obj, levels), CTX)
 
 
 def np_log_softmax(z):
@@ -54,66 +75,64 @@ def np_term(x, y, scale, alpha):
 # ----------------------------------------------------------------------------------------
 # The loss.
 # ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize('scale', [7.5, 100.0])
 @pytest.mark.parametrize('name', list(pyramid.TERMS))
-def test_each_term_matches_the_reference_in_value_and_gradient(name):
-  features, alpha, scale = random_features(6), 0.2, 7.5
-  params = {'logit_scale': jnp.float32(np.log(scale))}
+def test_each_term_matches_the_reference_in_value_and_gradient(name, scale):
+  levels, alpha = random_levels(6), 0.2
+  if scale == 100.0:  # Saturated: separated pairs, every negative's softmax underflows.
+    eye = np.eye(6, 5)
+    levels = {k: jnp.asarray(eye + 1e-3 * np.asarray(v), jnp.float32) for k, v in levels.items()}
+    levels = {k: v / jnp.linalg.norm(v, axis=1, keepdims=True) for k, v in levels.items()}
   obj = objective(alpha=alpha)
   image, text, _ = pyramid.TERMS[name]
 
-  def term(f):
-    return obj.loss(params, f)[1][f'loss/pyramid_{name}']
+  def term(lv):
+    return pyramid_loss(obj, scale, lv)[1][f'{name}/loss']
 
-  value, grads = jax.jit(jax.value_and_grad(term))(features)
-  want, d_image, d_text = np_term(features[image], features[text], scale, alpha)
-  np.testing.assert_allclose(value, want, rtol=1e-5)
-  np.testing.assert_allclose(grads[image], d_image, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(grads[text], d_text, rtol=1e-4, atol=1e-6)
-  for level in set(LEVELS) - {image, text}:
+  value, grads = jax.jit(jax.value_and_grad(term))(levels)
+  want, d_image, d_text = np_term(levels[image], levels[text], scale, alpha)
+  np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grads[image], d_image, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(grads[text], d_text, rtol=1e-4, atol=1e-5)
+  for level in set(levels) - {image, text}:
     np.testing.assert_array_equal(grads[level], 0)
 
 
 def test_total_is_the_weighted_sum_of_the_terms():
-  features, scale = random_features(5, seed=1), 12.0
-  params = {'logit_scale': jnp.float32(np.log(scale))}
+  levels, scale = random_levels(5, seed=1), 12.0
   lam, mu = 0.25, 0.15
-  total, metrics = objective(lam=lam, mu=mu).loss(params, features)
-  term = {name: np_term(features[i], features[t], scale, 0.2)[0]
+  obj = objective(lam=lam, mu=mu)
+  total, metrics = pyramid_loss(obj, scale, levels)
+  term = {name: np_term(levels[i], levels[t], scale, 0.2)[0]
           for name, (i, t, _) in pyramid.TERMS.items()}
   want = ((1 - lam - mu) * (term['peer_global'] + term['peer_local']) / 2
           + lam * (term['cross_global_tags'] + term['cross_global_roi']) / 2
           + mu * (term['cross_local_tags'] + term['cross_local_roi']) / 2)
   np.testing.assert_allclose(total, want, rtol=1e-5)
-  np.testing.assert_allclose(metrics['loss/pyramid'], want, rtol=1e-5)
   np.testing.assert_allclose(metrics['logit_scale'], scale, rtol=1e-6)
-  assert set(metrics) == {'loss/pyramid', 'logit_scale',
-                          *(f'loss/pyramid_{n}' for n in pyramid.TERMS)}
+  assert set(metrics) == {'logit_scale', *(f'{n}/loss' for n in pyramid.TERMS)}
 
 
 def test_alpha_zero_reduces_to_clip():
-  features = random_features(6, seed=2)
+  levels = random_levels(6, seed=2)
+  clip_obj = losses.get_objective({'terms': {'clip': {'type': 'clip'}}})
   params = {'logit_scale': jnp.float32(np.log(20.0))}
-  clip = losses.get_objective(ml_collections.ConfigDict(dict(name='clip')))
-  _, metrics = objective(alpha=0.0).loss(params, features)
+  _, metrics = pyramid_loss(objective(alpha=0.0), 20.0, levels)
   for name, (image, text, _) in pyramid.TERMS.items():
-    want, _ = clip.loss(params, {'img': features[image], 'txt': features[text]})
-    np.testing.assert_allclose(metrics[f'loss/pyramid_{name}'], want, rtol=1e-6)
-  # Without cross terms and with one view and one text, the whole objective is CLIP.
-  same = dict(features, local=features['global'], caption=features['summary'])
-  total, _ = objective(alpha=0.0, lam=0.0, mu=0.0).loss(params, same)
-  want, _ = clip.loss(params, {'img': same['global'], 'txt': same['summary']})
-  np.testing.assert_allclose(total, want, rtol=1e-6)
+    want, _ = clip_obj.loss(params, {}, {
+        'encode_image(images/image)': {'embedding': levels[image]},
+        'encode_text(tokens/caption)': {'embedding': levels[text]}}, CTX)
+    np.testing.assert_allclose(metrics[f'{name}/loss'], want, rtol=1e-6)
 
 
 def test_every_strategy_gives_the_dense_loss_and_gradient():
-  features = random_features(8, seed=3)
-  params = {'logit_scale': jnp.float32(np.log(10.0))}
+  levels = random_levels(8, seed=3)
   mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Explicit,))
 
   def value_and_grad(obj):
-    fn = jax.value_and_grad(lambda p, f: obj.loss(p, f)[0], argnums=(0, 1))
+    fn = jax.value_and_grad(lambda lv: pyramid_loss(obj, 10.0, lv)[0])
     with jax.set_mesh(mesh):
-      return jax.jit(fn)(params, features)
+      return jax.jit(fn)(levels)
 
   dense = value_and_grad(objective())
   for options in (dict(strategy='chunked', block_size=3), dict(strategy='sharded')):
@@ -123,10 +142,9 @@ def test_every_strategy_gives_the_dense_loss_and_gradient():
 
 @pytest.mark.parametrize('options, message', [
     (dict(alpha=1.0), 'label_smoothing must be in'),
-    (dict(lam=0.7, mu=0.5), 'lam and objective.mu'),
-    (dict(mu=-0.1), 'lam and objective.mu'),
+    (dict(lam=0.7, mu=0.5), 'lam and mu must be'),
+    (dict(mu=-0.1), 'lam and mu must be'),
     (dict(strategy='chunked'), 'needs block_size'),
-    (dict(beta=1.0), 'objective.beta'),
 ])
 def test_bad_options_are_named(options, message):
   with pytest.raises(ValueError, match=message):
@@ -136,7 +154,7 @@ def test_bad_options_are_named(options, message):
 def test_whole_view_stands_in_for_missing_regions():
   boxes = jnp.asarray(np.random.default_rng(0).uniform(size=(3, 2, 4)), jnp.float32)
   mask = jnp.array([[True, False], [False, False], [False, True]])
-  out = jax.jit(pyramid.whole_view_if_empty)({'boxes': boxes, 'mask': mask, 'features': 7})
+  out = jax.jit(models.whole_view_if_empty)({'boxes': boxes, 'mask': mask, 'features': 7})
   np.testing.assert_array_equal(out['mask'], [[True, False], [True, False], [False, True]])
   np.testing.assert_array_equal(out['boxes'][1, 0], [0, 0, 1, 1])
   np.testing.assert_array_equal(np.delete(out['boxes'].reshape(6, 4), 2, 0),
@@ -375,7 +393,7 @@ def test_box_regions_are_pooled_f1_patches(image):
   np.testing.assert_allclose(got['roi_embedding'], roi_out['embedding'], rtol=1e-5, atol=1e-6)
 
 
-def test_embed_is_per_example_and_reads_every_level():
+def test_passes_read_every_level_per_example():
   config = tiny_config('vit', roi='boxes')
   model, params, _, _ = build(config)
   rng = np.random.default_rng(4)
@@ -383,8 +401,7 @@ def test_embed_is_per_example_and_reads_every_level():
   batch = {
       'images': {v: rng.normal(size=(n, 16, 16, 3)).astype(np.float32)
                  for v in ('global', 'local')},
-      'tokens': {f: rng.integers(1, 64, size=(n, 8)).astype(np.int32)
-                 for f in pyramid.TEXT_FIELDS},
+      'tokens': {f: rng.integers(1, 64, size=(n, 8)).astype(np.int32) for f in TEXT_FIELDS},
       'rois': {'boxes': np.tile(np.float32([0.1, 0.2, 0.7, 0.9]), (n, 3, 1)),
                'mask': np.array([[True, True, False]] * n)},
   }
@@ -393,25 +410,27 @@ def test_embed_is_per_example_and_reads_every_level():
   @jax.jit
   def run(p, b):
     half = jax.tree.map(lambda x: x[:2], b)
-    return (obj.embed(model, p, b, train=False, rng=None),
-            obj.embed(model, p, half, train=False, rng=None),
-            model.apply({'params': p}, b['images']['local'], method='encode_image'),
+    embed = lambda batch: obj.embed(model, p, {}, batch, train=False, rng=None)
+    return (embed(b), embed(half),
+            model.apply({'params': p}, b['images']['global'], b['rois'],
+                        method='encode_image_with_rois'),
             model.apply({'params': p}, b['tokens']['tags'], method='encode_text'))
 
-  features, half, local, tags = run(params, batch)
-  assert set(features) == set(LEVELS)
-  for level in LEVELS:
-    assert features[level].shape == (n, 16)
-  np.testing.assert_allclose(features['local'], local['embedding'], rtol=1e-6)
-  np.testing.assert_allclose(features['tags'], tags['embedding'], rtol=1e-6)
+  features, half, global_view, tags = run(params, batch)
+  rois = features['encode_image_with_rois(images/global, rois)']
+  np.testing.assert_allclose(rois['roi_embedding'], global_view['roi_embedding'], rtol=1e-6)
+  np.testing.assert_allclose(features['encode_text(tokens/tags)']['embedding'],
+                             tags['embedding'], rtol=1e-6)
+  for outputs in features.values():
+    for x in outputs.values():
+      assert x.shape == (n, 16)
   # Per example: half of the batch embeds to half of the embeddings.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[:2], rtol=1e-5, atol=1e-6),
                half, features)
   with pytest.raises(ValueError, match='needs the ROI path'):
-    objective().embed(models.get_model(tiny_config(roi=None)), params, batch, train=False,
-                      rng=None)
-  with pytest.raises(KeyError, match='rois/features'):
-    objective().embed(models.get_model(tiny_config(roi='features')), params, batch,
+    objective().check(models.get_model(tiny_config(roi=None)))
+  with pytest.raises(ValueError, match='needs rois/features'):
+    objective().embed(models.get_model(tiny_config(roi='features')), params, {}, batch,
                       train=False, rng=None)
 
 
@@ -449,11 +468,12 @@ def test_bad_pyramid_model_config_is_named(image, changes, key):
 @pytest.mark.parametrize('arg', [None, 'runlocal', 'runlocal,roi=features,alpha=0.1,steps=7'])
 def test_configs_validate(module, arg):
   config = config_lib.validate(module.get_config(arg))
-  assert config.objective.name == 'pyramid' and config.model.text.pooling == 'max'
+  assert set(config.objective.terms) == set(pyramid.TERMS)
+  assert config.model.text.pooling == 'max'
   assert set(config.data.views) == {'global', 'local'} and config.data.box_view == 'global'
   assert config.data.views['global'].crop_scale == pyramid_config.GLOBAL_CROP_SCALE
   assert config.data.views['local'].crop_scale == pyramid_config.LOCAL_CROP_SCALE
-  assert set(config.data.text.fields) == set(pyramid.TEXT_FIELDS)
+  assert set(config.data.text.fields) == set(TEXT_FIELDS)
   vit = module is not pyramid_rn50
   assert config.model.pyramid.leff == vit
   assert config.optimizer.freeze == ((pyramid_config.PATCH_EMBEDDING,) if vit else ())
@@ -461,7 +481,8 @@ def test_configs_validate(module, arg):
     assert {ev.view for ev in config.evals.values()} == {'global'}
     assert 'grounding' in config.evals
   if arg and 'steps=7' in arg:
-    assert (config.total_steps, config.objective.alpha) == (7, 0.1)
+    assert config.total_steps == 7
+    assert {t.label_smoothing for t in config.objective.terms.values()} == {0.1}
     assert config.model.pyramid.roi.source == 'features'
 
 
@@ -497,9 +518,9 @@ def test_runlocal_train_step_on_8_devices(data_dir):
   step = setup.compile_train_step(train.global_batch_spec(host_batch))
   state, metrics = step(state, sharding.make_global_batch(host_batch, setup.mesh))
   after = jax.device_get(state['params'])
-  for name in pyramid.TERMS:
-    assert np.isfinite(metrics[f'loss/pyramid_{name}'])
-  np.testing.assert_allclose(metrics['loss'], metrics['loss/pyramid'], rtol=1e-6)
+  weighted = sum(setup.objective.weights[name] * metrics[f'{name}/loss']
+                 for name in pyramid.TERMS)
+  np.testing.assert_allclose(metrics['loss'], weighted, rtol=1e-6)
   frozen = optim.match_tree(before, config.optimizer.freeze)
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)
   flat_frozen, flat_changed = jax.tree.leaves(frozen), jax.tree.leaves(changed)

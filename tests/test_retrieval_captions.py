@@ -22,6 +22,7 @@ from hvla import evaluators, sharding
 from hvla.data import pipeline, sources, writer
 from hvla.data import tokenizer as tokenizer_lib
 from hvla.evaluators import common
+from hvla.losses import Encoders
 
 NAMES = ('red', 'green', 'blue', 'yellow', 'cyan', 'magenta')
 COLOURS = ((220, 20, 20), (20, 200, 40), (30, 40, 210), (230, 220, 30), (30, 210, 220),
@@ -212,7 +213,8 @@ def test_retrieval_over_five_captions_per_image_matches_reference(data):
   eval_config = evaluators.default_eval_config(
       'retrieval', batch_size=8, split='train',
       data=dict(text=dict(captions_per_image=PER_IMAGE)))
-  evaluator = evaluators.get_evaluator('coco', eval_config, model=model, mesh=mesh,
+  evaluator = evaluators.get_evaluator('coco', eval_config,
+                                       encoders=Encoders.of_towers(model), mesh=mesh,
                                        data_config=_config(data),
                                        tokenizer=data['tokenizer'])
   scalars, images = evaluator.run(params)

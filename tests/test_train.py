@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from hvla import checkpointing
 from hvla import sharding
 from hvla import train
 from hvla.data import pipeline
+from hvla.data import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -149,11 +149,9 @@ def test_sharding_like_params_matches_by_path_and_shape():
 
 
 def lowered_step_text(config, devices):
-  from hvla.tools import benchmark
   setup = train.Setup(config, devices=devices)
-  spec = train.global_batch_spec(benchmark.batch_spec(config.data, config.batch_size))
-  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-    return jax.jit(setup.train_step_fn()).lower(setup.abstract_state(), spec).as_text()
+  spec = train.global_batch_spec(synthetic.batch_spec(config.data, config.batch_size))
+  return setup.lower_train_step(spec).as_text()
 
 
 def test_activation_constraints_reach_the_lowered_step(data_dir):

@@ -1,6 +1,6 @@
 """Evaluators, chosen by `config.evals.<name>.type` (see docs/evaluation.md).
 
-    evaluator = get_evaluator(name, config.evals[name], model=model, mesh=mesh,
+    evaluator = get_evaluator(name, config.evals[name], encoders=encoders, mesh=mesh,
                               data_config=config.data, tokenizer=tokenizer)
     scalars, images = evaluator.run(params)  # every `evaluator.every_steps` steps
 
@@ -18,7 +18,7 @@ def default_eval_config(type_name, **overrides):
   return common.merge_config(config, overrides, f"<{type_name}>")
 
 
-def get_evaluator(name, eval_config, *, model, mesh, data_config, tokenizer=None):
+def get_evaluator(name, eval_config, *, encoders, mesh, data_config, tokenizer=None):
   """Builds the evaluator `name` from its `config.evals.<name>` entry.
 
   Its data is the training `data_config` with `eval_config.data` applied over it.
@@ -29,4 +29,4 @@ def get_evaluator(name, eval_config, *, model, mesh, data_config, tokenizer=None
   config = common.merge_config(cls.default_config(), eval_config, name)
   source = common.DatasetSource(data_config, config.data, config.batch_size, view=config.view,
                                 labels=(config.label,) if "label" in config else ())
-  return cls(name, config, model=model, mesh=mesh, source=source, tokenizer=tokenizer)
+  return cls(name, config, encoders=encoders, mesh=mesh, source=source, tokenizer=tokenizer)

@@ -76,13 +76,13 @@ class Evaluator:
   `class_names(label)` and `text_len` (the token length of the dataset's texts).
   """
 
-  def __init__(self, name, config, *, model, mesh, source, tokenizer=None):
+  def __init__(self, name, config, *, encoders, mesh, source, tokenizer=None):
     batch_devices = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
     if config.batch_size % np.lcm(batch_devices, jax.process_count()):
       raise ValueError(
           f"config.evals.{name}.batch_size={config.batch_size} must be divisible by the "
           f"{batch_devices} devices of the batch axes and the {jax.process_count()} processes.")
-    self.name, self.config, self.model, self.mesh = name, config, model, mesh
+    self.name, self.config, self.encoders, self.mesh = name, config, encoders, mesh
     self.source, self.tokenizer = source, tokenizer
 
   @property

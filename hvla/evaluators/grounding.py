@@ -116,7 +116,7 @@ class Grounding(common.Evaluator):
     super().__init__(name, config, **kwargs)
     self.keys = (f"images/{config.view}", f"tokens/{config.text}", "phrases/spans",
                  "phrases/boxes", "phrases/mask")
-    maps = functools.partial(_maps, self.model, *self.keys[:3])
+    maps = functools.partial(_maps, self.encoders, *self.keys[:3])
     self._hits = common.per_example_step(
         functools.partial(_hits, maps, config.box_threshold), self.mesh)
     self._pictures = common.per_example_step(
@@ -144,9 +144,9 @@ class Grounding(common.Evaluator):
     return {f"{self.name}/heatmaps": np.stack(images)} if images else {}
 
 
-def _maps(model, image_key, text_key, spans_key, params, batch):
-  image = model.apply({"params": params}, batch[image_key], method=model.encode_image)
-  text = model.apply({"params": params}, batch[text_key], method=model.encode_text)
+def _maps(encoders, image_key, text_key, spans_key, params, batch):
+  image = encoders.image(params, batch[image_key])
+  text = encoders.text(params, batch[text_key])
   return phrase_maps(image["token_embeddings"], image["grid"], text["token_embeddings"],
                      batch[spans_key])
 

@@ -79,7 +79,7 @@ class LinearProbe(common.Evaluator):
       raise ValueError(f"config.evals.{name}: set full=True or some shots.")
     self.keys = (f"images/{config.view}", f"labels/{config.label}")
     self._features = common.per_example_step(
-        functools.partial(_features, self.model, config.feature, *self.keys), self.mesh)
+        functools.partial(_features, self.encoders, config.feature, *self.keys), self.mesh)
 
   def run(self, params):
     train, test = (common.collect(self._features, self.source.batches(split), self.mesh,
@@ -99,6 +99,6 @@ class LinearProbe(common.Evaluator):
     return self._scalars(metrics), {}
 
 
-def _features(model, feature, image_key, label_key, params, batch):
-  image = model.apply({"params": params}, batch[image_key], method=model.encode_image)
+def _features(encoders, feature, image_key, label_key, params, batch):
+  image = encoders.image(params, batch[image_key])
   return {"feature": image[feature], "label": batch[label_key]}

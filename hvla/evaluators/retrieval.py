@@ -58,7 +58,7 @@ class Retrieval(common.Evaluator):
     super().__init__(name, config, **kwargs)
     self.image_key, self.text_key = f"images/{config.view}", f"tokens/{config.text}"
     self._embed = common.per_example_step(
-        functools.partial(_embed_pairs, self.model, self.image_key, self.text_key), self.mesh)
+        functools.partial(_embed_pairs, self.encoders, self.image_key, self.text_key), self.mesh)
 
   def run(self, params):
     out = common.collect(self._embed, self.source.batches(self.config.split), self.mesh,
@@ -70,14 +70,12 @@ class Retrieval(common.Evaluator):
     return self._scalars(recalls(image_ranks, text_ranks)), {}
 
 
-def _embed_pairs(model, image_key, text_key, params, batch):
+def _embed_pairs(encoders, image_key, text_key, params, batch):
   """Image embeddings [B, D], caption embeddings [B, C, D] and which captions exist."""
-  image = model.apply({"params": params}, batch[image_key],
-                      method=model.encode_image)["embedding"]
+  image = encoders.image(params, batch[image_key])["embedding"]
   tokens = batch[text_key]
   tokens = tokens[:, None] if tokens.ndim == 2 else tokens
   b, c, length = tokens.shape
-  text = model.apply({"params": params}, tokens.reshape(b * c, length),
-                     method=model.encode_text)["embedding"]
+  text = encoders.text(params, tokens.reshape(b * c, length))["embedding"]
   return {"image": image, "text": text.reshape(b, c, -1),
           "text_mask": jnp.any(tokens != 0, axis=-1)}

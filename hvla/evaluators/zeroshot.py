@@ -79,9 +79,9 @@ class ZeroShot(common.Evaluator):
     self.prompt_tokens = self.tokenizer.encode(prompts, self.source.text_len)
     self.keys = (f"images/{config.view}", f"labels/{config.label}")
     self._encode_text = common.per_example_step(
-        functools.partial(_encode_text, self.model), self.mesh)
+        functools.partial(_encode_text, self.encoders), self.mesh)
     self._label_rank = common.per_example_step(
-        functools.partial(_label_rank, self.model, *self.keys), self.mesh)
+        functools.partial(_label_rank, self.encoders, *self.keys), self.mesh)
 
   def run(self, params):
     prompts = embed_texts(self._encode_text, params, self.prompt_tokens, self.mesh,
@@ -96,13 +96,12 @@ class ZeroShot(common.Evaluator):
     return self._scalars(common.top_k_accuracy(out["rank"], self.num_classes)), {}
 
 
-def _encode_text(model, params, batch):
-  return {"embedding": model.apply({"params": params}, batch["tokens"],
-                                   method=model.encode_text)["embedding"]}
+def _encode_text(encoders, params, batch):
+  return {"embedding": encoders.text(params, batch["tokens"])["embedding"]}
 
 
-def _label_rank(model, image_key, label_key, params, classes, batch):
-  image = model.apply({"params": params}, batch[image_key], method=model.encode_image)
+def _label_rank(encoders, image_key, label_key, params, classes, batch):
+  image = encoders.image(params, batch[image_key])
   labels = batch[label_key]
   scores = common.similarity(image["embedding"], classes)
   return {"label": labels, "rank": common.first_positive_rank(

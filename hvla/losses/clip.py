@@ -1,66 +1,90 @@
-"""The CLIP baseline: one image view against one text field.
+"""The 'clip' term: one image level against one text field.
 
 'softmax' is CLIP's symmetric InfoNCE [paper] (optionally with PyramidCLIP's softened
 targets [recon]); 'sigmoid' is SigLIP's loss [paper]: every pair scored on its own, summed
-over texts and averaged over images, with a learnable logit bias. The logit scale is
-exp(params['logit_scale']) clamped at 100 [paper].
+over texts and averaged over images, with a learnable logit bias that the term owns
+(`params['objective'][name]['logit_bias']`). The logit scale is the towers' shared
+`exp(params['logit_scale'])`, kept within `model.logit_scale_range` by projection after
+every update (hvla.optim.project).
+
+The image side is a view's pooled embedding (`encode_image`), or, with `rois`, the view
+run through PyramidCLIP's f1 / f2 split with its regions (`encode_image_with_rois`), whose
+`embedding` (the view) or `roi_embedding` (the region sequence) the term reads.
 """
-import jax
+import jax.numpy as jnp
 
-from hvla.losses import batch_field, contrastive, encode, register
-from hvla.models import logit_scale
+from hvla.losses import contrastive
+from hvla.losses.objective import Pass, Term, register
 
-LOSSES = ('softmax', 'sigmoid')
+LOSSES = ("softmax", "sigmoid")
+IMAGE_OUTPUTS = ("embedding", "roi_embedding")
 
 
-@register('clip')
-class Clip:
-  """Options (the keys of `config.objective`):
+@register("clip")
+class Clip(Term):
+  """Options (the keys of `config.objective.terms.<name>` besides type and weight):
 
   loss: 'softmax' | 'sigmoid'.
   label_smoothing: alpha of the softened softmax targets (0: plain InfoNCE).
-  strategy, block_size: how the contrastive term is computed (`contrastive_loss`).
   image_view: batch['images'][image_view] is the image input.
+  rois: run the view with its regions (batch['rois']) through the f1 / f2 split.
+  image_output: 'embedding', or 'roi_embedding' (needs `rois`).
   text_field: batch['tokens'][text_field] is the text input.
+  bias_init: the initial logit bias b of 'sigmoid' (SigLIP: -10).
+  strategy, block_size: how the contrastive term is computed (`contrastive_loss`);
+  by default those of `config.objective`.
   """
 
-  def __init__(self, *, loss='softmax', label_smoothing=0.0, strategy='dense',
-               block_size=None, image_view='image', text_field='caption'):
+  def __init__(self, *, loss="softmax", label_smoothing=0.0, image_view="image", rois=False,
+               image_output="embedding", text_field="caption", bias_init=-10.0,
+               strategy="dense", block_size=None):
     if loss not in LOSSES:
-      raise ValueError(f'objective.loss must be one of {LOSSES}, got {loss!r}')
+      raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if image_output not in IMAGE_OUTPUTS:
+      raise ValueError(f"image_output must be one of {IMAGE_OUTPUTS}, got {image_output!r}")
+    if image_output == "roi_embedding" and not rois:
+      raise ValueError("image_output='roi_embedding' needs rois=True")
     contrastive.check_options(loss, label_smoothing, strategy, block_size)
     self.kind = loss  # `loss` is the method below.
-    self.label_smoothing = label_smoothing
-    self.strategy = strategy
-    self.block_size = block_size
-    self.image_view = image_view
+    self.label_smoothing = float(label_smoothing)
+    self.image_view, self.rois, self.image_output = image_view, bool(rois), image_output
     self.text_field = text_field
+    self.bias_init = float(bias_init)
+    self.strategy, self.block_size = strategy, block_size
 
-  def embed(self, model, params, batch, *, train, rng):
-    image_rng, text_rng = (None, None) if rng is None else jax.random.split(rng)
-    images = batch_field(batch, 'images', self.image_view)
-    tokens = batch_field(batch, 'tokens', self.text_field)
-    return {'img': encode(model, params, 'encode_image', images, train=train,
-                          rng=image_rng)['embedding'],
-            'txt': encode(model, params, 'encode_text', tokens, train=train,
-                          rng=text_rng)['embedding']}
+  def passes(self):
+    view = f"images/{self.image_view}"
+    if self.rois:
+      image = Pass("encode_image_with_rois", (view, "rois"), outputs=(self.image_output,))
+    else:
+      image = Pass("encode_image", (view,))
+    return {"image": image, "text": Pass("encode_text", (f"tokens/{self.text_field}",))}
 
-  def loss(self, params, features):
-    scale = logit_scale(params)
-    metrics = {'logit_scale': scale}
-    if self.kind == 'sigmoid':
-      if 'logit_bias' not in params:
-        raise ValueError("objective.loss='sigmoid' needs params['logit_bias']: set "
-                         'model.logit_bias_init')
+  def check(self, model):
+    if self.rois and model.roi_source is None:
+      raise ValueError(f"config.objective.terms.{self.name}: rois=True needs the ROI path: "
+                       "set model.pyramid.roi.source to 'boxes' or 'features'")
+
+  def init_params(self, rng):
+    del rng
+    if self.kind != "sigmoid":
+      return {}
+    return {"logit_bias": jnp.asarray(self.bias_init, jnp.float32)}
+
+  def loss(self, params, state, features, ctx):
+    del state, ctx
+    scale = jnp.exp(params["logit_scale"])
+    metrics = {}
+    if self.kind == "sigmoid":
       # SigLIP's logits are scale * x.y + b; the primitive's offset is applied before the
       # scale: s = scale * (x.y - bias), so bias = -b / scale.
-      bias = -params['logit_bias'] / scale
-      metrics['logit_bias'] = params['logit_bias']
+      logit_bias = self.own(params)["logit_bias"]
+      bias = -logit_bias / scale
+      metrics["logit_bias"] = logit_bias
     else:
       bias = 0.0
     value = contrastive.contrastive_loss(
-        features['img'], features['txt'], scale=scale, bias=bias, kind=self.kind,
-        label_smoothing=self.label_smoothing, symmetric=self.kind == 'softmax',
-        strategy=self.strategy, block_size=self.block_size)
-    return value, {'loss/clip': value, **metrics}
-
+        features["image"][self.image_output], features["text"]["embedding"], scale=scale,
+        bias=bias, kind=self.kind, label_smoothing=self.label_smoothing,
+        symmetric=self.kind == "softmax", strategy=self.strategy, block_size=self.block_size)
+    return value, metrics

@@ -16,7 +16,8 @@ import ml_collections
 from hvla.models import layers
 from hvla.models.resnet import ResNet
 from hvla.models.text import TextTransformer
-from hvla.models.two_towers import TwoTowers, l2_normalize, logit_scale, pool_boxes
+from hvla.models.two_towers import (TwoTowers, l2_normalize, logit_scale, param_bounds,
+                                    pool_boxes, whole_view_if_empty)
 from hvla.models.vit import ViT
 
 DTYPES = ("float32", "bfloat16")
@@ -46,7 +47,7 @@ def default_model_config():
   c.embed_dim = 512
   c.dtype = "float32"  # compute dtype; parameters are always float32
   c.logit_scale_init = math.log(1 / 0.07)
-  c.logit_bias_init = ml_collections.config_dict.placeholder(float)  # e.g. -10 for sigmoid
+  c.logit_scale_range = (1.0, 100.0)  # exp(logit_scale) is projected into it after updates
   c.remat = "none"  # 'none' | 'full' | 'dots' (jax.checkpoint policy per block)
   c.scan = False  # nn.scan over the blocks (params stacked on a 'layers' axis)
   # layers.dot_product_attention's implementation: 'xla' (einsums and a float32 softmax,
@@ -115,10 +116,15 @@ def get_model(config):
                f"must be a bool, got {config.scan!r}")
   layers.check(isinstance(config.logit_scale_init, (int, float)), "model.logit_scale_init",
                f"must be a number, got {config.logit_scale_init!r}")
-  layers.check(config.logit_bias_init is None or isinstance(config.logit_bias_init,
-                                                            (int, float)),
-               "model.logit_bias_init", f"must be None or a number, got "
-               f"{config.logit_bias_init!r}")
+  bounds = config.logit_scale_range
+  low, high = tuple(bounds) if isinstance(bounds, (tuple, list)) and len(bounds) == 2 else (
+      None, None)
+  layers.check(isinstance(low, (int, float)) and isinstance(high, (int, float))
+               and 0 < low <= high, "model.logit_scale_range",
+               f"must be (low, high) with 0 < low <= high, got {config.logit_scale_range!r}")
+  layers.check(math.log(low) <= config.logit_scale_init <= math.log(high),
+               "model.logit_scale_init", f"{config.logit_scale_init} lies outside "
+               f"log(model.logit_scale_range) = [{math.log(low):.4g}, {math.log(high):.4g}]")
   check_attention(config)
   shared = dict(dtype=jnp.dtype(config.dtype), remat=config.remat, scan=config.scan,
                 attention=config.attention)
@@ -132,9 +138,9 @@ def get_model(config):
   return TwoTowers(
       img=towers["image"], txt=towers["text"], embed_dim=config.embed_dim,
       dtype=shared["dtype"], logit_scale_init=float(config.logit_scale_init),
-      logit_bias_init=(None if config.logit_bias_init is None
-                       else float(config.logit_bias_init)))
+      logit_scale_range=(float(low), float(high)))
 
 
 __all__ = ["ResNet", "TextTransformer", "TwoTowers", "ViT", "default_model_config", "get_model",
-           "l2_normalize", "logit_scale", "pool_boxes", "pyramid_fields", "register_tower"]
+           "l2_normalize", "logit_scale", "param_bounds", "pool_boxes", "pyramid_fields",
+           "register_tower", "whole_view_if_empty"]

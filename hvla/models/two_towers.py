@@ -14,8 +14,8 @@ Parameter tree (`params`, float32 whatever the compute dtype):
 | `txt/pos_embedding` | [max_len, W] | -, embed |
 | `txt/encoder/...`, `txt/norm` | as for `img` | |
 | `img_proj/kernel`, `txt_proj/kernel` | [W, D], no bias | embed, joint |
-| `logit_scale` | [] (init ln(1/0.07)) | |
-| `logit_bias` | [] (only if `logit_bias_init` is set) | |
+| `logit_scale` | [] (init ln(1/0.07), kept within ln `logit_scale_range`) | |
+| `objective/<term>/...` | a term's own parameters (docs/design.md) | as the term declares |
 
 A block: `norm1`, `attn/qkv` (kernel [W, 3, H, W/H]: embed, -, heads, kv), `attn/out`
 (kernel [H, W/H, W]: heads, kv, embed), `norm2`, `mlp/fc1` (embed, mlp), `mlp/fc2`
@@ -48,12 +48,31 @@ import jax.numpy as jnp
 from hvla.models import layers
 from hvla.models.vit import BOX_DIM
 
-MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 100.
+WHOLE_VIEW = (0.0, 0.0, 1.0, 1.0)
 
 
 def logit_scale(params):
-  """The multiplier of cosine similarities: exp(min(s, ln 100))."""
-  return jnp.exp(jnp.minimum(params["logit_scale"], MAX_LOGIT_SCALE))
+  """The multiplier of cosine similarities, exp(s). Its range is kept by projecting s
+  after every update (`param_bounds`), not by clamping here, which would cut the
+  gradient of a scale past its bound for good."""
+  return jnp.exp(params["logit_scale"])
+
+
+def param_bounds(model):
+  """{'/'-path: (low, high)} of the model's bounded parameters: the log logit scale
+  within log(model.logit_scale_range), as open_clip clamps its scale after each step."""
+  low, high = model.logit_scale_range
+  return {"logit_scale": (math.log(low), math.log(high))}
+
+
+def whole_view_if_empty(rois):
+  """[ours] Rows without a real region get region 0 = the whole view (box (0, 0, 1, 1)),
+  so that PyramidCLIP's region level stays informative."""
+  mask, boxes = jnp.asarray(rois["mask"], bool), jnp.asarray(rois["boxes"])
+  empty = ~jnp.any(mask, axis=1)
+  boxes = boxes.at[:, 0].set(
+      jnp.where(empty[:, None], jnp.asarray(WHOLE_VIEW, boxes.dtype), boxes[:, 0]))
+  return dict(rois, boxes=boxes, mask=mask.at[:, 0].set(mask[:, 0] | empty))
 
 
 def l2_normalize(x, eps=1e-6):
@@ -84,7 +103,7 @@ def pool_boxes(patches, grid, boxes):
 
 
 class TwoTowers(nn.Module):
-  """Image tower `img`, text tower `txt`, bias-free projections, logit scale (and bias).
+  """Image tower `img`, text tower `txt`, bias-free projections, logit scale.
 
   `encode_image` needs only the image tower's `__call__(images, train=)` and
   `encode_text` the text tower's `__call__(tokens)`; the piecewise methods below call
@@ -95,7 +114,7 @@ class TwoTowers(nn.Module):
   embed_dim: int = 512
   dtype: Any = jnp.float32
   logit_scale_init: float = math.log(1 / 0.07)
-  logit_bias_init: float | None = None
+  logit_scale_range: tuple[float, float] = (1.0, 100.0)  # CLIP's clamp at 100 [paper]
 
   def setup(self):
     def projection():
@@ -106,9 +125,6 @@ class TwoTowers(nn.Module):
     self.txt_proj = projection()
     self.param("logit_scale", layers.partitioned(
         nn.initializers.constant(self.logit_scale_init)), ())
-    if self.logit_bias_init is not None:
-      self.param("logit_bias", layers.partitioned(
-          nn.initializers.constant(self.logit_bias_init)), ())
 
   def encode_image(self, images, *, train=False):
     """Images [B, H, W, 3] -> dict(embedding [B, D], pooled [B, W], tokens [B, P, W],
@@ -208,9 +224,11 @@ class TwoTowers(nn.Module):
     roi_pooled).
 
     `rois`: dict(boxes [B, M, 4] in the view's coordinates, mask [B, M], and features
-    [B, M, F] when `roi_source` is 'features').
+    [B, M, F] when `roi_source` is 'features'). A view without a real region gets the
+    whole view as its one region (`whole_view_if_empty`).
     """
     self._check_roi_path()
+    rois = whole_view_if_empty(rois)
     f1 = self.image_f1(images, train=train)
     out = self.image_f2(f1["tokens"], f1["grid"])
     if self.roi_source == "boxes":
