@@ -5,19 +5,16 @@ the objective's; and, for every registered term type, per-example passes and exa
 accumulation with randomness on."""
 import collections
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import tiny
+import kill_resume
 import momentum_term
+import tiny
 
 from configs import clip_vitb16, pyramid_vitb16
 from hvla import checkpointing, grad_cache, losses, optim, sharding, train
@@ -25,7 +22,6 @@ from hvla.data import synthetic
 from hvla.losses import objective as objective_lib
 from hvla.models import TwoTowers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOWER_METHODS = ("encode_image", "encode_text", "encode_image_with_rois")
 
 
@@ -254,24 +250,8 @@ def hvla_main(workdir, data_dir):
 def test_objective_state_survives_kill_and_resume_bit_exactly(tmp_path):
   data_dir = tmp_path / "tfds"
   env = dict(os.environ, TFDS_DATA_DIR=str(data_dir))
-  straight = tmp_path / "straight"
-  subprocess.run(hvla_main(straight, data_dir), cwd=REPO, env=env, check=True, timeout=600,
-                 capture_output=True)
-  killed = tmp_path / "killed"
-  proc = subprocess.Popen(hvla_main(killed, data_dir), cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  half = killed / "checkpoints" / "4"
-  deadline = time.time() + 600
-  while not half.exists() and proc.poll() is None:
-    assert time.time() < deadline
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  for step_dir in (killed / "checkpoints").iterdir():
-    if step_dir.name != "4":
-      shutil.rmtree(step_dir)
-  subprocess.run(hvla_main(killed, data_dir), cwd=REPO, env=env, check=True, timeout=600,
-                 capture_output=True)
+  straight, killed = kill_resume.straight_and_resumed(
+      lambda workdir: hvla_main(workdir, data_dir), tmp_path, env)
   (step, want), (got_step, got) = load_state(straight), load_state(killed)
   assert step == got_step == 8 and int(want["objective"]["momentum"]["last_step"]) == 7
   jax.tree.map(np.testing.assert_array_equal, got, want)

@@ -1,13 +1,10 @@
 """The trainer: sharded steps equal the single-device step; kill + resume is bit-exact."""
 import os
-import signal
-import shutil
-import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
+import kill_resume
 import pytest
 import tiny
 
@@ -17,8 +14,6 @@ from hvla import sharding
 from hvla import train
 from hvla.data import pipeline
 from hvla.data import synthetic
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(data_dir):
@@ -92,27 +87,8 @@ def checksum(workdir):
 def test_kill_and_resume_is_bit_exact(tmp_path, data_dir):
   env = dict(os.environ, TFDS_DATA_DIR=str(data_dir))
   data = f"--config.data.data_dir={data_dir}"
-  straight = tmp_path / "straight"
-  subprocess.run(hvla_main(straight, data), cwd=REPO, env=env, check=True, timeout=600,
-                 capture_output=True)
-
-  killed = tmp_path / "killed"
-  proc = subprocess.Popen(hvla_main(killed, data), cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  half = killed / "checkpoints" / "4"
-  deadline = time.time() + 600
-  while not half.exists() and proc.poll() is None:  # Orbax renames it in when complete.
-    assert time.time() < deadline
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  # Whatever the process reached after step 4 is discarded: resume must start from 4.
-  for step_dir in (killed / "checkpoints").iterdir():
-    if step_dir.name != "4":
-      shutil.rmtree(step_dir)
-  assert checksum(killed)[0] == 4
-  subprocess.run(hvla_main(killed, data), cwd=REPO, env=env, check=True, timeout=600,
-                 capture_output=True)
+  straight, killed = kill_resume.straight_and_resumed(
+      lambda workdir: hvla_main(workdir, data), tmp_path, env)
   assert checksum(killed) == checksum(straight)
   assert checksum(straight)[0] == 8
 
