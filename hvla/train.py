@@ -64,9 +64,9 @@ class Setup:
     image_size = self.config.model.image.image_size
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     tokens = jnp.zeros((1, self.config.model.text.max_len), jnp.int32)
-    model_rng, objective_rng = jax.random.split(rng)
-    params = dict(self.model.init({"params": model_rng}, images, tokens)["params"])
-    own = self.objective.init_params(objective_rng)
+    # The towers take `rng` itself, so that they start the same whatever the objective.
+    params = dict(self.model.init({"params": rng}, images, tokens)["params"])
+    own = self.objective.init_params(jax.random.fold_in(rng, 1))
     if own:
       params["objective"] = own
     return {"params": params, "objective": self.objective.init_state(params)}

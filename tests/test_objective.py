@@ -156,6 +156,13 @@ def test_own_parameters_join_the_sharded_init_decay_mask_and_freezing():
   assert not np.array_equal(after["img"]["cls"], before["img"]["cls"])
 
 
+def test_the_towers_start_the_same_whatever_the_objective():
+  plain, own = (jax.device_get(train.Setup(tiny_config(name)).init_state()["params"])
+                for name in ("clip", "momentum"))
+  assert "objective" not in plain and "objective" in own
+  jax.tree.map(np.testing.assert_array_equal, plain, objective_lib.towers(own))
+
+
 def test_state_is_updated_after_the_step_with_the_context_and_new_parameters():
   config = tiny_config("momentum")
   setup = train.Setup(config)
