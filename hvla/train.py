@@ -47,7 +47,7 @@ class Setup:
     self.rules = sharding.rules(config)
     self.model = models.get_model(config.model)
     self.objective = losses.get_objective(config.objective)
-    self.objective.check(self.model)
+    self.objective.attach(self.model)
     self.encoders = self.objective.encoders(self.model)
     self.total_steps = optim.total_steps(config, examples_per_epoch)
     self._examples_per_epoch = examples_per_epoch

@@ -123,7 +123,7 @@ def test_term_config_lists_every_option_at_its_default():
 def test_rois_need_the_roi_path():
   config = models.default_model_config()
   with pytest.raises(ValueError, match='terms.clip: rois=True needs the ROI path'):
-    objective(rois=True).check(models.get_model(config))
+    objective(rois=True).attach(models.get_model(config))
 
 
 # ----------------------------------------------------------------------------------------

@@ -459,16 +459,17 @@ def test_symmetric_equals_two_one_way_calls_with_domain_tables(kind):
     assert_trees_close(grads(fused), grads(two_pass))
 
 
-def count_dots(jaxpr, shapes):
-  """Matrix products (at any nesting depth) whose output has one of `shapes`."""
+def count_dots(jaxpr, shapes, primitive="dot_general"):
+  """Matrix products (or other `primitive`s, at any nesting depth) whose output has one
+  of `shapes`."""
   count = 0
   for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == 'dot_general' and eqn.outvars[0].aval.shape in shapes
+    count += eqn.primitive.name == primitive and eqn.outvars[0].aval.shape in shapes
     for param in eqn.params.values():
       for sub in param if isinstance(param, (tuple, list)) else (param,):
         sub = getattr(sub, 'jaxpr', sub)
         if hasattr(sub, 'eqns'):
-          count += count_dots(sub, shapes)
+          count += count_dots(sub, shapes, primitive)
   return count
 
 
@@ -485,6 +486,24 @@ def test_symmetric_loss_computes_each_block_of_logits_once(kind):
         x, y, 2.0).jaxpr, shapes)
   assert dots([(n, m), (m, n)]) == 1
   assert dots([(n, block), (block, n)], strategy='chunked', block_size=block) == 2
+
+
+@pytest.mark.parametrize("kind, teacher", [("softmax", False), ("softmax", True),
+                                           ("mpnce", False), ("sigmoid", False)])
+def test_symmetric_loss_reads_the_columns_without_transposing_the_logits(kind, teacher):
+  """The columns' statistics reduce along axis 0 of the block: no [N, M] (dense) or
+  [N, block] (chunked) array is transposed, in the value or the gradient. A transposed
+  block made XLA read the whole [N, M] logits at strided addresses in several fusions,
+  which made the one-pass dense loss slower than two one-way calls (BENCHMARKS.md)."""
+  n, m, d, block = 12, 20, 8, 4
+  x, y = jnp.ones((n, d)), jnp.ones((m, d))
+  extra = dict(teacher=Teacher(x[:, :3], y[:, :3], 5.0, 0.5)) if teacher else {}
+  def transposes(shapes, **strategy):
+    loss = lambda x, y, s: contrastive_loss(x, y, scale=s, kind=kind, **extra, **strategy)
+    return count_dots(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2)))(
+        x, y, 2.0).jaxpr, shapes, primitive="transpose")
+  assert transposes([(n, m), (m, n)]) == 0
+  assert transposes([(n, block), (block, n)], strategy="chunked", block_size=block) == 0
 
 
 def count_collective_arrays(hlo, op, shape):

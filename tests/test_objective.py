@@ -95,6 +95,22 @@ def test_each_distinct_pass_runs_once_per_step(tower_calls, accum_steps):
                                "encode_image": accum_steps, "encode_text": 3 * accum_steps}
 
 
+def test_a_pass_output_must_be_per_example():
+  class GridReader(losses.Term):
+    def passes(self):
+      return {"image": losses.Pass("encode_image", ("images/image",), outputs=("grid",))}
+
+    def loss(self, params, state, features, ctx):
+      return 0.0, {}
+  config = tiny_config("clip")
+  setup = train.Setup(config)
+  obj = losses.Objective({"grid": GridReader()}, {"grid": 1.0})
+  batch = host_batch(config)
+  with pytest.raises(ValueError, match="output 'grid' is not a per-example array"):
+    jax.eval_shape(lambda p: obj.embed(setup.model, p, {}, batch, train=False, rng=None),
+                   setup.abstract_state()["params"])
+
+
 def test_gradient_free_passes_run_once_under_accumulation(tower_calls):
   """The momentum pass (EMA weights) runs in GradCache's first pass only."""
   config = tiny_config("momentum")

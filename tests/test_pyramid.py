@@ -428,7 +428,7 @@ def test_passes_read_every_level_per_example():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[:2], rtol=1e-5, atol=1e-6),
                half, features)
   with pytest.raises(ValueError, match='needs the ROI path'):
-    objective().check(models.get_model(tiny_config(roi=None)))
+    objective().attach(models.get_model(tiny_config(roi=None)))
   with pytest.raises(ValueError, match='needs rois/features'):
     objective().embed(models.get_model(tiny_config(roi='features')), params, {}, batch,
                       train=False, rng=None)

@@ -60,7 +60,7 @@ class Clip(Term):
       image = Pass("encode_image", (view,))
     return {"image": image, "text": Pass("encode_text", (f"tokens/{self.text_field}",))}
 
-  def check(self, model):
+  def attach(self, model):
     if self.rois and model.roi_source is None:
       raise ValueError(f"config.objective.terms.{self.name}: rois=True needs the ROI path: "
                        "set model.pyramid.roi.source to 'boxes' or 'features'")

@@ -26,16 +26,19 @@ direction is the mean over its valid anchors (0 when it has none) of:
 
 An anchor without any candidate adds 0 (and still counts in the mean) [ours].
 `symmetric` averages the x->y and y->x directions (CLIP [paper]). Both come from one pass
-over the logits: each block of s is computed once, its rows' statistics and
-(transposed) its columns' statistics accumulate from it [ours]. The strategies compute
-the same value and gradient: 'dense' materialises the [N, M] logits; 'chunked' streams
-blocks of candidates with an online log-sum-exp and a custom VJP that recomputes each
-block once; 'sharded' runs under `jax.shard_map`, each device's rows against the
-all-gathered columns, the columns' statistics (partial over the device's rows)
-combined across devices by pmax / psum of rescaled sums; gradients flow back
-(reduce-scattered) to the device that produced them. XLA merges identical gathers, so
-an array that several calls in one jitted function use is gathered once. Logits are
-computed in float32 [ours].
+over the logits: each block of s is computed once, its rows' statistics (reduced along
+axis 1) and its columns' statistics (along axis 0) accumulate from it [ours]. The
+columns' are not read from a transposed block: XLA fuses such a transpose into the
+element-wise loops, which then read the whole [N, M] logits at strided addresses (value
+and gradient) and made one-pass 'dense' slower than two one-way calls (BENCHMARKS.md,
+"The symmetric loss"). The strategies compute the same value and gradient: 'dense'
+materialises the [N, M] logits; 'chunked' streams blocks of candidates with an online
+log-sum-exp and a custom VJP that recomputes each block once; 'sharded' runs under
+`jax.shard_map`, each device's rows against the all-gathered columns, the columns'
+statistics (partial over the device's rows) combined across devices by pmax / psum of
+rescaled sums; gradients flow back (reduce-scattered) to the device that produced them.
+XLA merges identical gathers, so an array that several calls in one jitted function use
+is gathered once. Logits are computed in float32 [ours].
 """
 import functools
 import math
@@ -265,12 +268,17 @@ def _scores(a, c, scale, bias, opts):
   return s_rows, s_cols, t, pos, keep & ~pos
 
 
-def _masked_sum(values, mask):
-  return jnp.sum(jnp.where(mask, values, 0.0), axis=1)
+def _masked_sum(values, mask, axis):
+  return jnp.sum(jnp.where(mask, values, 0.0), axis=axis)
 
 
-def _count(mask):
-  return jnp.sum(mask, axis=1, dtype=jnp.float32)
+def _count(mask, axis):
+  return jnp.sum(mask, axis=axis, dtype=jnp.float32)
+
+
+def _along(v, axis):
+  """A per-anchor vector broadcast against a block whose candidates run along `axis`."""
+  return v[:, None] if axis == 1 else v[None, :]
 
 
 # ----------------------------------------------------------------------------------------
@@ -282,16 +290,18 @@ class _Online(NamedTuple):
   sums: tuple
 
 
-def _online(l, mask, peak=None, weights=()):
-  """Per-row _Online over the masked entries of l [n, b]; `peak` given (the final one,
-  when the backward pass recomputes a block) fixes the reference. The peak carries no
-  gradient: the log-sum-exp does not depend on it."""
+def _online(l, mask, axis, peak=None, weights=()):
+  """Per-anchor _Online over the masked entries of l [n, b], reduced along `axis` (1:
+  the rows are the anchors, 0: the columns are); `peak` given (the final one, when the
+  backward pass recomputes a block) fixes the reference. The peak carries no gradient:
+  the log-sum-exp does not depend on it."""
   if peak is None:
-    peak = jnp.max(jnp.where(mask, l, _FLOOR), axis=1, initial=_FLOOR)
+    peak = jnp.max(jnp.where(mask, l, _FLOOR), axis=axis, initial=_FLOOR)
   peak = jax.lax.stop_gradient(peak)
   # exactly 0 where masked, also in the gradient (masked entries of l - peak may overflow)
-  e = jnp.exp(jnp.where(mask, l - peak[:, None], -jnp.inf))
-  return _Online(peak, (jnp.sum(e, 1),) + tuple(jnp.sum(e * w, 1) for w in weights))
+  e = jnp.exp(jnp.where(mask, l - _along(peak, axis), -jnp.inf))
+  return _Online(peak, (jnp.sum(e, axis),) +
+                 tuple(jnp.sum(e * w, axis) for w in weights))
 
 
 def _is_online(v):
@@ -333,33 +343,34 @@ def _log_sum_exp(acc):
 
 
 # ----------------------------------------------------------------------------------------
-# What each kind sums per anchor over a block of candidates (the rows of s).
+# What each kind sums per anchor over a block of candidates (along `axis` of s).
 # ----------------------------------------------------------------------------------------
-def _softmax_stats(s, t, pos, neg, extra, peaks):
+def _softmax_stats(s, t, pos, neg, extra, peaks, axis):
   del extra
   keep = pos | neg
-  stats = {"lse": _online(s, keep, peaks.get("lse")), "n_pos": _count(pos),
-           "n_neg": _count(neg), "s_pos": _masked_sum(s, pos), "s_neg": _masked_sum(s, neg)}
+  stats = {"lse": _online(s, keep, axis, peaks.get("lse")), "n_pos": _count(pos, axis),
+           "n_neg": _count(neg, axis), "s_pos": _masked_sum(s, pos, axis),
+           "s_neg": _masked_sum(s, neg, axis)}
   if t is not None:  # the teacher's softmax and its mean of s, in one online pass
-    stats["teacher"] = _online(t, keep, peaks.get("teacher"), weights=(s,))
+    stats["teacher"] = _online(t, keep, axis, peaks.get("teacher"), weights=(s,))
   return stats
 
 
-def _mpnce_negatives(s, t, pos, neg, extra, peaks):
+def _mpnce_negatives(s, t, pos, neg, extra, peaks, axis):
   del t, extra
-  return {"neg": _online(s, neg, peaks.get("neg")), "n_pos": _count(pos)}
+  return {"neg": _online(s, neg, axis, peaks.get("neg")), "n_pos": _count(pos, axis)}
 
 
-def _mpnce_positives(s, t, pos, neg, neg_lse, peaks):
+def _mpnce_positives(s, t, pos, neg, neg_lse, peaks, axis):
   """-log(e^s_ip / (e^s_ip + e^neg_lse)) = softplus(neg_lse - s_ip), summed over p."""
   del t, neg, peaks
-  return {"terms": _masked_sum(jax.nn.softplus(neg_lse[:, None] - s), pos)}
+  return {"terms": _masked_sum(jax.nn.softplus(_along(neg_lse, axis) - s), pos, axis)}
 
 
-def _sigmoid_stats(s, t, pos, neg, extra, peaks):
+def _sigmoid_stats(s, t, pos, neg, extra, peaks, axis):
   del t, extra, peaks
-  return {"pairs": _masked_sum(jax.nn.softplus(-s), pos) +
-                   _masked_sum(jax.nn.softplus(s), neg)}
+  return {"pairs": _masked_sum(jax.nn.softplus(-s), pos, axis) +
+                   _masked_sum(jax.nn.softplus(s), neg, axis)}
 
 
 def _softmax_losses(stats, opts, weight):
@@ -382,13 +393,13 @@ def _softmax_losses(stats, opts, weight):
 def _block_stats(stats_fn, opts, rows, block, scale, bias, row_extra, block_extra,
                  row_peaks=None, col_peaks=None):
   """Rows' statistics over this block's candidates and (symmetric) the block columns'
-  statistics over all rows, from one computation of the block's logits."""
+  statistics over all rows, from one computation of the block's logits: the rows'
+  reduce along axis 1, the columns' along axis 0 of the same arrays (no transpose)."""
   s_rows, s_cols, t, pos, neg = _scores(rows, block, scale, bias, opts)
-  row = stats_fn(s_rows, t, pos, neg, row_extra, row_peaks or {})
+  row = stats_fn(s_rows, t, pos, neg, row_extra, row_peaks or {}, axis=1)
   if not opts.symmetric:
     return row, None
-  return row, stats_fn(s_cols.T, None if t is None else t.T, pos.T, neg.T, block_extra,
-                       col_peaks or {})
+  return row, stats_fn(s_cols, t, pos, neg, block_extra, col_peaks or {}, axis=0)
 
 
 def _blocked(tree, block_size):

@@ -91,8 +91,10 @@ class Term(abc.ABC):
   def loss(self, params, state, features, ctx):
     """-> (scalar, metrics); `features[alias]` has the pass's outputs for the batch."""
 
-  def check(self, model):
-    """Raises ValueError when `model` cannot serve this term (before any compile)."""
+  def attach(self, model):
+    """Called once with the model, before anything compiles: raise ValueError if it
+    cannot serve this term; read the static facts the term needs (e.g. a patch grid,
+    which no pass output carries: outputs are per-example arrays)."""
 
   def init_params(self, rng):
     """The term's own parameters (leaves may be `nn.Partitioned`); {} for none."""
@@ -178,9 +180,9 @@ class Objective:
                        f"{[t.name for t in providers]} each define the inference embedding")
     self._inference = providers[0] if providers else None
 
-  def check(self, model):
+  def attach(self, model):
     for term in self.terms.values():
-      term.check(model)
+      term.attach(model)
 
   # Passes.
 
@@ -200,6 +202,12 @@ class Objective:
       if missing:
         raise KeyError(f"pass {key} has no output(s) {missing}; it has {sorted(result)}")
       out[key] = {o: result[o] for o in p.outputs}
+      examples = jax.tree.leaves(field(batch, p.inputs[0]))[0].shape[0]
+      for name, value in out[key].items():
+        if jnp.ndim(value) == 0 or jnp.shape(value)[0] != examples:
+          raise ValueError(f"pass {key}: output {name!r} is not a per-example array "
+                           f"(leading axis {examples}); static facts such as the patch "
+                           "grid are read from the model in Term.attach")
     return out
 
   def _term_features(self, name, features):
