@@ -18,9 +18,9 @@ siglip=W (adds a SigLIP term of weight W on the local view and the caption).
 Expected: ImageNet zero-shot top-1 50.7% after 32 epochs of YFCC15M-V2 at batch 4096
 (CLIP at equal data: 40.7%) [paper]. runlocal, measured by hvla on a 2-core CPU with
 `hvla.tools.compare --configs=clip_vitb16,pyramid_vitb16 --steps=300` (300 steps at
-batch 64, hvla_shapes validation; CLIP in brackets): zero-shot shape top-1 26.4%
-(18.2%), colour top-1 61.9% (70.9%), retrieval R@1 image->text 41.9% (37.3%) and
-text->image 42.1% (37.1%), grounding pointing 10.9% (18.0%). README "Results" has the
+batch 64, hvla_shapes validation, 2026-12-02; CLIP in brackets): zero-shot shape top-1
+22.7% (18.2%), colour top-1 62.9% (70.9%), retrieval R@1 image->text 43.8% (37.3%) and
+text->image 41.1% (37.1%), grounding pointing 6.1% (18.0%). README "Results" has the
 full table.
 """
 from configs import pyramid
