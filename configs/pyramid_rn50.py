@@ -16,10 +16,9 @@ Expected: ImageNet zero-shot top-1 47.8% after 32 epochs of YFCC15M-V2 at batch 
 (CLIP at equal data: 37.2%) [paper]. runlocal (a 1-1-1-1 block ResNet of width 16 at
 64 px), measured by hvla on a 2-core CPU with
 `hvla.tools.compare --configs=pyramid_rn50 --steps=300` (300 steps at batch 64,
-hvla_shapes validation; 2026-11-22, before the ROI path followed the official code, not
-re-measured since): zero-shot shape top-1 19.9%, colour top-1 75.9%, retrieval R@1
-image->text 28.4% and text->image 28.9%, grounding pointing 7.3% (on the 2x2 grid of
-the trunk's output).
+hvla_shapes validation, 2026-12-02): zero-shot shape top-1 20.1%, colour top-1 75.0%,
+retrieval R@1 image->text 28.2% and text->image 29.4%, grounding pointing 6.2% (on the
+2x2 grid of the trunk's output).
 """
 from configs import pyramid
 
