@@ -160,7 +160,7 @@ def test_passes_feed_rng_to_dropout_at_train_time():
 def test_a_missing_field_is_named():
   model, batch = TinyTwoTowers(), make_batch(2)
   obj = objective(image_view='aug1')
-  with pytest.raises(KeyError, match=r"no 'images/aug1'; it has \[.*'images/global'"):
+  with pytest.raises(KeyError, match=r"lack 'images/aug1'; they have \[.*'images/global'"):
     obj.embed(model, init(model, batch), {}, batch, train=False, rng=None)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from hvla import sharding
 from hvla.data import pipeline
+from hvla.losses.objective import field
 
 _REGISTRY = {}
 
@@ -136,18 +137,6 @@ def per_example_step(fn, mesh):
   def step(*args):
     return {**fn(*args), "valid": args[-1]["valid"]}
   return jax.jit(step, out_shardings=sharding.replicated(mesh))
-
-
-def field(batch, path):
-  """The array at '/'-separated `path` of a nested batch dict."""
-  node = batch
-  for part in path.split("/"):
-    if not isinstance(node, dict) or part not in node:
-      have = ["/".join(str(k.key) for k in keys)
-              for keys, _ in jax.tree_util.tree_flatten_with_path(batch)[0]]
-      raise KeyError(f"Evaluation batches lack {path!r}; they have {sorted(have)}.")
-    node = node[part]
-  return node
 
 
 def collect(step, batches, mesh, paths, *args):

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from hvla import optim
+
 _TERMS = {}
 EXECUTION_KEYS = ("strategy", "block_size")
 OBJECTIVE_KEYS = (*EXECUTION_KEYS, "terms")
@@ -142,18 +144,15 @@ def towers(params):
 
 def field(batch, path):
   """The batch entry at '/'-path `path` ('images/global', 'rois'), or a KeyError naming
-  what the batch has."""
+  what the batch has; for tower passes and evaluators alike."""
   node = batch
   for part in path.split("/"):
     if not isinstance(node, dict) or part not in node:
-      raise KeyError(f"the batch has no {path!r}; it has {sorted(_paths(batch))}")
+      have = sorted(optim.path_name(keys)
+                    for keys, _ in jax.tree_util.tree_flatten_with_path(batch)[0])
+      raise KeyError(f"Batches lack {path!r}; they have {have}.")
     node = node[part]
   return node
-
-
-def _paths(tree):
-  return ["/".join(str(k.key) for k in keys)
-          for keys, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _path(cls):
