@@ -21,14 +21,16 @@ def log_sum_exp(v):
 
 
 def reference_direction(a, c, a_ids, c_ids, a_dom, c_dom, scale, bias, kind, alpha,
-                        exclude_self, a_valid=None, c_valid=None, teacher=None):
+                        exclude_self, a_valid=None, c_valid=None, teacher=None,
+                        domain_mask=None):
   """Mean over valid anchors; an anchor without candidates adds 0. teacher: (teacher
   anchors, teacher candidates, teacher scale, weight) or None."""
   a_valid = np.ones(len(a), bool) if a_valid is None else a_valid
   c_valid = np.ones(len(c), bool) if c_valid is None else c_valid
   losses = []
   for i in np.flatnonzero(a_valid):
-    js = [j for j in range(len(c)) if c_valid[j] and not (exclude_self and i == j)]
+    js = [j for j in range(len(c)) if c_valid[j] and not (exclude_self and i == j)
+          and (domain_mask is None or domain_mask[a_dom[i], c_dom[j]])]
     if not js:
       losses.append(0.0)
       continue
@@ -56,7 +58,8 @@ def reference_direction(a, c, a_ids, c_ids, a_dom, c_dom, scale, bias, kind, alp
 
 def reference_loss(x, y, scale, bias, *, kind='softmax', label_smoothing=0.0, row_ids=None,
                    col_ids=None, row_domains=None, col_domains=None, exclude_self=False,
-                   symmetric=True, row_valid=None, col_valid=None, teacher=None):
+                   symmetric=True, row_valid=None, col_valid=None, teacher=None,
+                   domain_mask=None):
   n, m = len(x), len(y)
   row_ids = np.arange(n) if row_ids is None else row_ids
   col_ids = np.arange(m) if col_ids is None else col_ids
@@ -67,11 +70,12 @@ def reference_loss(x, y, scale, bias, *, kind='softmax', label_smoothing=0.0, ro
   if teacher is not None:
     forward = (teacher.x, teacher.y, teacher.scale, teacher.weight)
     backward = (teacher.y, teacher.x, teacher.scale, teacher.weight)
+  mask = None if domain_mask is None else np.asarray(domain_mask)
   directions = [(x, y, row_ids, col_ids, row_dom, col_dom, scale, bias, row_valid,
-                 col_valid, forward)]
+                 col_valid, forward, mask)]
   if symmetric:
     directions.append((y, x, col_ids, row_ids, col_dom, row_dom, scale.T, bias.T, col_valid,
-                       row_valid, backward))
+                       row_valid, backward, None if mask is None else mask.T))
   return np.mean([reference_direction(*d[:8], kind, label_smoothing, exclude_self, *d[8:])
                   for d in directions])
 
@@ -118,6 +122,16 @@ REFERENCE_CASES = {
         opts=dict(kind='mpnce', exclude_self=True, row_ids=np.array([0, 1, 0, 1, 0, 1]),
                   col_ids=np.array([0, 1, 0, 1, 0, 1]), row_domains=np.array([0, 0, 0, 0, 1, 1]),
                   col_domains=np.array([0, 0, 0, 0, 1, 1]))),
+    'mpnce_all_pairs_domain_mask': dict(
+        n=6, m=6, same=True, scale=TABLE_SCALE, bias=TABLE_BIAS,
+        opts=dict(kind='mpnce', exclude_self=True, row_ids=np.array([0, 1, 0, 1, 0, 1]),
+                  col_ids=np.array([0, 1, 0, 1, 0, 1]), row_domains=np.array([0, 0, 0, 0, 1, 1]),
+                  col_domains=np.array([0, 0, 0, 0, 1, 1]),
+                  domain_mask=np.array([[False, True], [True, True]]))),
+    'softmax_domain_mask_one_sided': dict(
+        n=4, m=4, scale=TABLE_SCALE, bias=TABLE_BIAS,
+        opts=dict(row_domains=np.array([0, 1, 0, 1]), col_domains=np.array([1, 1, 0, 0]),
+                  domain_mask=np.array([[True, True], [False, True]]))),
     'mpnce_one_way': dict(
         n=4, m=6, scale=3.0, bias=0.2,
         opts=dict(kind='mpnce', symmetric=False, row_ids=np.array([0, 1, 2, 3]),
@@ -195,6 +209,13 @@ STRATEGY_CASES = {
         same=True, scale=TABLE_SCALE, bias=TABLE_BIAS,
         opts=dict(kind='mpnce', exclude_self=True, row_ids=IDS, col_ids=IDS,
                   row_domains=np.arange(N) % 2, col_domains=np.arange(N) % 2)),
+    'mpnce_domain_mask': dict(
+        same=True, scale=TABLE_SCALE, bias=TABLE_BIAS,
+        # UniCLIP's layout: (view, view, caption) of each example in turn
+        opts=dict(kind='mpnce', exclude_self=True, symmetric=False,
+                  row_ids=np.arange(N) // 3, col_ids=np.arange(N) // 3,
+                  row_domains=np.arange(N) % 3 // 2, col_domains=np.arange(N) % 3 // 2,
+                  domain_mask=np.array([[False, True], [True, True]]))),
     'sigmoid_one_way': dict(scale=8.0, bias=0.3, opts=dict(kind='sigmoid', symmetric=False,
                                                            row_ids=IDS, col_ids=IDS)),
     'softmax_stop_grad_cols': dict(scale=5.0, bias=0.0, opts=dict(stop_grad_cols=True)),
@@ -567,6 +588,9 @@ X, Y = jnp.ones((4, 3)), jnp.ones((4, 3))
     (dict(row_ids=jnp.ones(4), col_ids=jnp.arange(4)), r'row_ids must be integers of shape'),
     (dict(scale=jnp.ones((2, 2))), 'row_domains and col_domains are needed'),
     (dict(scale=jnp.ones(2)), 'scalars or'),
+    (dict(domain_mask=np.ones((2, 2), bool)), 'row_domains and col_domains are needed'),
+    (dict(domain_mask=np.ones(2, bool), row_domains=jnp.zeros(4, int),
+          col_domains=jnp.zeros(4, int)), r'domain_mask must be an \[R, C\] table of bools'),
     (dict(y=jnp.ones((5, 3)), exclude_self=True), 'exclude_self needs'),
     (dict(strategy='sharded'), 'needs a mesh'),
     (dict(strategy='sharded', mesh=jax.make_mesh((8,), ('data',))), 'divisible by the 8'),
@@ -601,3 +625,11 @@ def test_benchmark_two_pass_case_computes_the_symmetric_loss():
       ('dense', False), ('dense', True), ('chunked', False), ('chunked', True)]
   assert all(len(r['seconds_all']) == 2 for r in results)
   assert '| 32 | chunked, two-pass | 8 | 1 |' in bc.format_table(results)
+
+
+def test_a_traced_domain_mask_is_refused_by_name():
+  def loss(mask):
+    return contrastive_loss(X, Y, scale=2.0, row_domains=jnp.zeros(4, int),
+                            col_domains=jnp.zeros(4, int), domain_mask=mask)
+  with pytest.raises(ValueError, match='domain_mask must be concrete'):
+    jax.jit(loss)(jnp.ones((1, 1), bool))

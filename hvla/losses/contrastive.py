@@ -8,7 +8,8 @@ where scale and bias are scalars, or [R, C] tables indexed by the domains of the
 (UniCLIP's domain-dependent similarity). Pair (i, j) is positive when the anchor's and
 the candidate's group ids are equal (default ids: the diagonal), so no [N, M] mask is
 ever an input. `row_valid` and `col_valid` drop items: an invalid row is neither an
-anchor of x->y nor a candidate of y->x, and likewise for columns. The loss of one
+anchor of x->y nor a candidate of y->x, and likewise for columns. A `domain_mask` [R, C]
+drops whole domain pairs (e.g. UniCLIP without its image-image pairs). The loss of one
 direction is the mean over its valid anchors (0 when it has none) of:
 
 - 'softmax': cross-entropy of softmax(s_i) with a target distribution: (1 - alpha)
@@ -46,6 +47,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 KINDS = ("softmax", "mpnce", "sigmoid")
@@ -84,13 +86,14 @@ class _Options(NamedTuple):
   exclude_self: bool
   symmetric: bool
   stop_grad_cols: bool
+  domain_mask: tuple | None  # rows of bools (static), or None: every domain pair
 
 
 def contrastive_loss(x, y, *, scale, bias=0.0, kind="softmax", label_smoothing=0.0,
                      row_ids=None, col_ids=None, row_domains=None, col_domains=None,
                      exclude_self=False, symmetric=True, stop_grad_cols=False,
                      strategy="dense", block_size=None, mesh=None, batch_axes=None,
-                     row_valid=None, col_valid=None, teacher=None):
+                     row_valid=None, col_valid=None, teacher=None, domain_mask=None):
   """Contrastive loss of anchors x [N, D] against candidates y [M, D] (a scalar).
 
   Args:
@@ -101,7 +104,8 @@ def contrastive_loss(x, y, *, scale, bias=0.0, kind="softmax", label_smoothing=0
     label_smoothing: alpha of the softened softmax targets.
     row_ids, col_ids: int [N], [M] group ids, positive pair iff equal; None: diagonal.
       An anchor without positives adds only its negatives' terms (sigmoid, smoothing).
-    row_domains, col_domains: int [N], [M], needed when scale or bias is a table.
+    row_domains, col_domains: int [N], [M], needed when scale or bias is a table or
+      there is a domain_mask.
     exclude_self: x and y are the same N items; pair (i, i) is neither positive nor
       negative (UniCLIP's all-pairs setting).
     symmetric: mean of the x->y and y->x losses; otherwise x->y only.
@@ -113,12 +117,15 @@ def contrastive_loss(x, y, *, scale, bias=0.0, kind="softmax", label_smoothing=0
     row_valid, col_valid: bool [N], [M]; None: all valid. Invalid items are neither
       anchors nor candidates; each direction averages over its valid anchors.
     teacher: a `Teacher` whose softmax enters the targets (kind='softmax').
+    domain_mask: bool [R, C] (a concrete array or nested lists); pairs whose domain pair
+      is False are neither positive nor negative. None: every pair counts.
   """
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
   scale, bias = jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)
   check_options(kind, label_smoothing, strategy, block_size)
+  domain_mask = _static_mask(domain_mask)
   _check_args(x, y, scale, bias, row_ids, col_ids, row_domains, col_domains, exclude_self,
-              row_valid, col_valid)
+              row_valid, col_valid, domain_mask)
   _check_teacher(teacher, kind, x, y)
   rows = _items(x, row_ids, row_domains, row_valid)
   cols = _items(y, col_ids, col_domains, col_valid)
@@ -130,7 +137,7 @@ def contrastive_loss(x, y, *, scale, bias=0.0, kind="softmax", label_smoothing=0
     cols = cols._replace(teacher=jax.lax.stop_gradient(jnp.asarray(teacher.y, jnp.float32)))
     weight = jax.lax.stop_gradient(jnp.asarray(teacher.weight, jnp.float32))
   opts = _Options(kind, float(label_smoothing), bool(exclude_self), bool(symmetric),
-                  bool(stop_grad_cols))
+                  bool(stop_grad_cols), domain_mask)
   block_size = None if strategy == "dense" else block_size
   if strategy == "sharded":
     sums = _sharded(opts, block_size, rows, cols, scale, bias, weight,
@@ -183,8 +190,23 @@ def check_options(kind, label_smoothing=0.0, strategy="dense", block_size=None):
     raise ValueError(f"block_size must be a positive int, got {block_size!r}")
 
 
+def _static_mask(domain_mask):
+  """A domain mask as nested tuples of bools: hashable, so it can steer tracing."""
+  if domain_mask is None:
+    return None
+  try:
+    mask = np.asarray(domain_mask)
+  except jax.errors.TracerArrayConversionError:
+    raise ValueError("domain_mask must be concrete (it selects pairs when tracing), not "
+                     "a traced array") from None
+  if mask.ndim != 2 or mask.dtype != np.bool_:
+    raise ValueError(f"domain_mask must be an [R, C] table of bools, got {mask.dtype} "
+                     f"{mask.shape}")
+  return tuple(tuple(bool(v) for v in row) for row in mask)
+
+
 def _check_args(x, y, scale, bias, row_ids, col_ids, row_domains, col_domains, exclude_self,
-                row_valid, col_valid):
+                row_valid, col_valid, domain_mask):
   if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
     raise ValueError(f"x and y must be [N, D] and [M, D], got {x.shape} and {y.shape}")
   if x.shape[0] < 1 or y.shape[0] < 1 + exclude_self:
@@ -197,9 +219,10 @@ def _check_args(x, y, scale, bias, row_ids, col_ids, row_domains, col_domains, e
   tables = [p.shape for p in (scale, bias) if p.ndim]
   if any(len(shape) != 2 for shape in tables):
     raise ValueError(f"scale and bias must be scalars or [R, C] tables, got {tables}")
-  if bool(tables) != (row_domains is not None and col_domains is not None):
+  if (bool(tables) or domain_mask is not None) != (row_domains is not None and
+                                                    col_domains is not None):
     raise ValueError("row_domains and col_domains are needed exactly when scale or bias "
-                     "is a per-domain-pair table")
+                     "is a per-domain-pair table or a domain_mask is given")
   for name, ids, n in (("row_ids", row_ids, x.shape[0]), ("col_ids", col_ids, y.shape[0]),
                        ("row_domains", row_domains, x.shape[0]),
                        ("col_domains", col_domains, y.shape[0])):
@@ -262,6 +285,8 @@ def _scores(a, c, scale, bias, opts):
     s_rows = s_cols = logits(a.emb, c.emb)
   t = None if a.teacher is None else a.teacher @ c.teacher.T
   keep = a.valid[:, None] & c.valid[None, :]
+  if opts.domain_mask is not None:
+    keep &= _per_pair(jnp.asarray(opts.domain_mask), a, c)
   if opts.exclude_self:
     keep &= a.index[:, None] != c.index[None, :]
   pos = keep & (a.ids[:, None] == c.ids[None, :])
