@@ -56,7 +56,7 @@ def base_config():
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
       # Regexes over '/'-joined parameter paths.
-      no_decay=(r"(^|/)(bias|scale|logit_scale|logit_bias)$", r"(^|/)(pos_embedding|cls)$"),
+      no_decay=(r"(^|/)(bias|scale|logit_scale|logit_bias|offset)$", r"(^|/)(pos_embedding|cls)$"),
       freeze=(), clip_norm=1.0))
   c.schedule = ml_collections.ConfigDict(dict(
       name="cosine", warmup_steps=ml_collections.config_dict.placeholder(int),

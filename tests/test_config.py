@@ -76,7 +76,7 @@ def parse_config_flags(*args):
   return flag_values.config
 
 
-@pytest.mark.parametrize("name", ["clip_vitb16", "pyramid_vitb16"])
+@pytest.mark.parametrize("name", ["clip_vitb16", "pyramid_vitb16", "uniclip_vitb32"])
 def test_contrastive_strategy_is_set_from_the_command_line(name):
   from hvla import losses
   config = f"--config=configs/{name}.py:runlocal"

@@ -16,7 +16,7 @@ import kill_resume
 import momentum_term
 import tiny
 
-from configs import clip_vitb16, pyramid_vitb16
+from configs import clip_vitb16, pyramid_vitb16, uniclip_vitb32
 from hvla import checkpointing, grad_cache, losses, optim, sharding, train
 from hvla.data import synthetic
 from hvla.losses import objective as objective_lib
@@ -28,8 +28,11 @@ TOWER_METHODS = ("encode_image", "encode_text", "encode_image_with_rois")
 def tiny_config(name, *, batch_size=16, image_depth=2):
   """A runlocal config with tiny towers: 'clip', 'siglip', 'pyramid' (six terms),
   'pyramid_siglip' (six terms + SigLIP), 'pyramid_features' (regions from stored
-  features, no LeFF: patch dropout allowed) or 'momentum' (the test-only term)."""
-  if name.startswith("pyramid"):
+  features, no LeFF: patch dropout allowed), 'unified' (UniCLIP) or 'momentum' (the
+  test-only term)."""
+  if name == "unified":
+    config = uniclip_vitb32.get_config("runlocal")
+  elif name.startswith("pyramid"):
     arg = {"pyramid": "", "pyramid_siglip": "siglip=0.5",
            "pyramid_features": "roi=features,leff=false"}[name]
     config = pyramid_vitb16.get_config(",".join(filter(None, ("runlocal", arg))))
@@ -286,7 +289,8 @@ def test_objective_state_survives_kill_and_resume_bit_exactly(tmp_path):
 # ----------------------------------------------------------------------------------------
 # A tiny config per term type and options worth covering; a new type fails here until
 # it is added.
-TERM_CASES = {"clip": ("clip", "siglip", "pyramid_features"), momentum_term.TYPE: ("momentum",)}
+TERM_CASES = {"clip": ("clip", "siglip", "pyramid_features"), "unified": ("unified",),
+              momentum_term.TYPE: ("momentum",)}
 
 
 def test_every_registered_term_type_has_a_case():

@@ -254,9 +254,8 @@ class Objective:
 
   def encoders(self, model):
     """The embedding evaluators use: a term's own, else the towers'."""
-    if self._inference is not None:
-      return self._inference.encoders(model)
-    return Encoders.of_towers(model)
+    own = None if self._inference is None else self._inference.encoders(model)
+    return Encoders.of_towers(model) if own is None else own
 
 
 def term_config(type, weight=1.0, **options):  # pylint: disable=redefined-builtin

@@ -54,6 +54,9 @@ def default_model_config():
   # compiled by XLA; any backend) or 'cudnn' (jax.nn.dot_product_attention's fused
   # flash-attention kernel; NVIDIA GPU, bfloat16).
   c.attention = "xla"
+  # UniCLIP's augmentation-aware embedding (TwoTowers.encode_image_with_augs): hidden width
+  # of the MLP from a view's augmentation vector to the pooled feature; 0: none.
+  c.aug_mlp_width = 0
   c.image = ml_collections.ConfigDict(dict(
       name="vit", image_size=224, patch_size=16, width=768, depth=12, heads=12,
       mlp_ratio=4.0, pool="cls", patch_dropout=0.0))
@@ -125,6 +128,9 @@ def get_model(config):
   layers.check(math.log(low) <= config.logit_scale_init <= math.log(high),
                "model.logit_scale_init", f"{config.logit_scale_init} lies outside "
                f"log(model.logit_scale_range) = [{math.log(low):.4g}, {math.log(high):.4g}]")
+  width = config.aug_mlp_width
+  layers.check(isinstance(width, int) and not isinstance(width, bool) and width >= 0,
+               "model.aug_mlp_width", f"must be an int >= 0, got {config.aug_mlp_width!r}")
   check_attention(config)
   shared = dict(dtype=jnp.dtype(config.dtype), remat=config.remat, scan=config.scan,
                 attention=config.attention)
@@ -138,7 +144,7 @@ def get_model(config):
   return TwoTowers(
       img=towers["image"], txt=towers["text"], embed_dim=config.embed_dim,
       dtype=shared["dtype"], logit_scale_init=float(config.logit_scale_init),
-      logit_scale_range=(float(low), float(high)))
+      logit_scale_range=(float(low), float(high)), aug_mlp_width=config.aug_mlp_width)
 
 
 __all__ = ["ResNet", "TextTransformer", "TwoTowers", "ViT", "default_model_config", "get_model",

@@ -15,6 +15,8 @@ Parameter tree (`params`, float32 whatever the compute dtype):
 | `txt/encoder/...`, `txt/norm` | as for `img` | |
 | `img_proj/kernel`, `txt_proj/kernel` | [W, D], no bias | embed, joint |
 | `logit_scale` | [] (init ln(1/0.07), kept within ln `logit_scale_range`) | |
+| `aug_embed/hidden/kernel`, `bias` | [A, H], [H] (with `aug_mlp_width` H > 0) | -, mlp; mlp |
+| `aug_embed/out/kernel`, `bias` | [H, W], [W] (zero at init) | mlp, embed; embed |
 | `objective/<term>/...` | a term's own parameters (docs/design.md) | as the term declares |
 
 A block: `norm1`, `attn/qkv` (kernel [W, 3, H, W/H]: embed, -, heads, kv), `attn/out`
@@ -32,6 +34,12 @@ Every method is pure and reached through `model.apply(params, ..., method=...)`.
 Joint embeddings are float32 and L2-normalised; `pooled`, `tokens` and `cls_layers`
 keep the compute dtype.
 
+UniCLIP's augmentation-aware embedding (`encode_image_with_augs`, with `aug_mlp_width`
+> 0): a view's augmentation vector (A = len(`hvla.data.ops.AUG_FIELDS`) numbers: crop
+box, flip, colour jitter, grayscale, blur) through a GELU MLP, added to the pooled
+feature before the projection [ours in detail, METHODS.md §4]. Its output layer starts
+at zero, so training starts from the towers' own embedding [ours].
+
 PyramidCLIP [paper] runs the image tower as f1 then f2 (`image_f1`, `image_f2`) and
 embeds a region sequence through f2 only (`image_rois`); `encode_image_with_rois` does
 both for one view. Region inputs are a feature per region followed by its box: stored
@@ -45,8 +53,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hvla.data.ops import AUG_FIELDS
 from hvla.models import layers
 from hvla.models.vit import BOX_DIM
+
+AUG_DIM = len(AUG_FIELDS)
 
 WHOLE_VIEW = (0.0, 0.0, 1.0, 1.0)
 
@@ -102,6 +113,23 @@ def pool_boxes(patches, grid, boxes):
   return jnp.einsum("bmp,bpc->bmc", weights.astype(patches.dtype), patches)
 
 
+class AugmentationEmbedding(nn.Module):
+  """Augmentation vectors [B, A] -> [B, width] offsets of the pooled image feature."""
+  hidden: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, augs, width):
+    h = nn.Dense(self.hidden, dtype=self.dtype, name="hidden",
+                 kernel_init=layers.partitioned(nn.initializers.lecun_normal(), None, "mlp"),
+                 bias_init=layers.partitioned(nn.initializers.zeros, "mlp"))(
+                     augs.astype(self.dtype))
+    return nn.Dense(width, dtype=self.dtype, name="out",
+                    kernel_init=layers.partitioned(nn.initializers.zeros, "mlp", "embed"),
+                    bias_init=layers.partitioned(nn.initializers.zeros, "embed"))(
+                        nn.gelu(h, approximate=False))
+
+
 class TwoTowers(nn.Module):
   """Image tower `img`, text tower `txt`, bias-free projections, logit scale.
 
@@ -115,6 +143,7 @@ class TwoTowers(nn.Module):
   dtype: Any = jnp.float32
   logit_scale_init: float = math.log(1 / 0.07)
   logit_scale_range: tuple[float, float] = (1.0, 100.0)  # CLIP's clamp at 100 [paper]
+  aug_mlp_width: int = 0  # hidden width of the augmentation embedding; 0: none
 
   def setup(self):
     def projection():
@@ -125,6 +154,8 @@ class TwoTowers(nn.Module):
     self.txt_proj = projection()
     self.param("logit_scale", layers.partitioned(
         nn.initializers.constant(self.logit_scale_init)), ())
+    if self.aug_mlp_width:
+      self.aug_embed = AugmentationEmbedding(self.aug_mlp_width, self.dtype)
 
   def encode_image(self, images, *, train=False):
     """Images [B, H, W, 3] -> dict(embedding [B, D], pooled [B, W], tokens [B, P, W],
@@ -137,6 +168,15 @@ class TwoTowers(nn.Module):
     out["embedding"] = self.image_project(out["pooled"])
     out["token_embeddings"] = self.image_project(out["tokens"])
     return out
+
+  def encode_image_with_augs(self, images, augs, *, train=False):
+    """Images [B, H, W, 3] and their augmentation vectors [B, A] -> dict(embedding,
+    pooled): the pooled feature plus the augmentation embedding, projected."""
+    if not self.aug_mlp_width:
+      raise ValueError("The augmentation-aware embedding needs model.aug_mlp_width > 0.")
+    pooled = self.encode_image(images, train=train)["pooled"]
+    pooled = pooled + self.aug_embed(augs, pooled.shape[-1]).astype(pooled.dtype)
+    return dict(embedding=self.image_project(pooled), pooled=pooled)
 
   def encode_text(self, tokens, *, train=False):
     """Tokens [B, L] -> dict(embedding [B, D], pooled [B, W], tokens [B, L, W],
@@ -152,10 +192,14 @@ class TwoTowers(nn.Module):
     return out
 
   def __call__(self, images, tokens):
-    if self.roi_source and self.is_initializing():  # `init` also creates the ROI path.
-      self.img.rois(jnp.zeros((1, 1, self.img.roi_input_dim), self.dtype),
-                    jnp.ones((1, 1), bool))
-    return self.encode_image(images), self.encode_text(tokens)
+    image = self.encode_image(images)
+    if self.is_initializing():  # `init` also creates the optional parts.
+      if self.roi_source:
+        self.img.rois(jnp.zeros((1, 1, self.img.roi_input_dim), self.dtype),
+                      jnp.ones((1, 1), bool))
+      if self.aug_mlp_width:
+        self.aug_embed(jnp.zeros((1, AUG_DIM), self.dtype), image["pooled"].shape[-1])
+    return image, self.encode_text(tokens)
 
   # Pieces of the image tower, for objectives that run it in parts.
 
