@@ -1,5 +1,6 @@
 """Ingestion of the three input formats, bad images, sidecars and resumption."""
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -344,3 +345,68 @@ def test_webdataset_json_and_tfrecord_lists_of_captions(tmp_path):
   ingest.build([path], ingest.Options(out_dir=out, name='tfr'), progress=False)
   assert _captions_by_key(out) == {b'first': ['first', 'second', 'third'],
                                    b'alone': ['alone']}
+
+
+def _label_rows(tmp_path, name, rows):
+  """A JSONL of rows, each {'image': ..., 'caption': ..., **row}, with one image each."""
+  good = _images()['rgb_jpeg'][0]
+  lines = []
+  for i, row in enumerate(rows):
+    (tmp_path / f'{name}{i}.jpg').write_bytes(good)
+    lines.append(json.dumps({'image': f'{name}{i}.jpg', 'caption': f'{name} {i}', **row}))
+  path = tmp_path / f'{name}.jsonl'
+  path.write_text('\n'.join(lines))
+  return str(path)
+
+
+def test_label_columns_become_class_labels(tmp_path):
+  names = tmp_path / 'sizes.txt'
+  names.write_text('small\n\nlarge\n')
+  train = _label_rows(tmp_path, 'train', [
+      {'kind': 'dog', 'size': 1, 'note': 'x'}, {'kind': 'cat', 'size': 'small'},
+      {'kind': 'dog', 'size': 0}, {'size': 1}, {'kind': 'eel', 'size': 7}])
+  out = str(tmp_path / 'out')
+  opts = ingest.Options(out_dir=out, name='lab', labels=('kind', 'size'),
+                        label_names=(('size', str(names)),))
+  report = ingest.build([train], opts, progress=False)
+  assert report['written'] == 3 and report['labels'] == {'kind': 3, 'size': 2}
+  assert report['skipped'] == {'missing_label': 1, 'unknown_label': 1}
+  assert report['examples']['unknown_label'] == ['train4']
+  assert report['columns'] == {'kept': ['caption', 'captions', 'image', 'kind', 'size'],
+                               'ignored': ['note']}
+  features = tfds.builder_from_directory(out).info.features
+  assert features['kind'].names == ['cat', 'dog', 'eel']  # Sorted, eel from a skipped row.
+  assert features['size'].names == ['small', 'large']
+  records = _read_split(out)
+  assert [(r['kind'], r['size']) for r in records] == [(1, 1), (0, 0), (1, 0)]
+
+  # A later split keeps the ids and appends its new class names.
+  validation = _label_rows(tmp_path, 'val', [{'kind': 'ant', 'size': 'large'},
+                                             {'kind': 'cat', 'size': 0}])
+  opts = dataclasses.replace(opts, split='validation')
+  ingest.build([validation], opts, progress=False)
+  features = tfds.builder_from_directory(out).info.features
+  assert features['kind'].names == ['cat', 'dog', 'eel', 'ant']
+  assert [r['kind'] for r in _read_split(out, 'validation')] == [3, 0]
+  assert [r['kind'] for r in _read_split(out)] == [1, 0, 1]
+
+  config = pipeline.default_data_config()
+  config.update(dataset=out, labels=('kind',), text=dict(fields=()))
+  assert pipeline.class_names(config, 'kind') == ['cat', 'dog', 'eel', 'ant']
+  with pytest.raises(ValueError, match=r"already has the label columns \['kind', 'size'\]"):
+    ingest.build([validation], dataclasses.replace(opts, labels=('kind',), label_names=()),
+                 progress=False)
+
+
+@pytest.mark.parametrize('labels, names, message', [
+    (('size',), (), r"holds integers \(3\); name their classes with --label_names=size="),
+    (('tags',), (), "'tags' is a field of hvla's records"),
+    (('kind',), (('size', 'x.txt'),), r"--label_names: \['size'\] are not in --labels"),
+    (('colour',), (), "column 'colour' has no value in any sample"),
+])
+def test_label_options_that_cannot_work_fail_with_the_fix(tmp_path, labels, names, message):
+  rows = _label_rows(tmp_path, 'r', [{'kind': 'dog', 'size': 3}])
+  opts = ingest.Options(out_dir=str(tmp_path / 'out'), name='x', labels=labels,
+                        label_names=names)
+  with pytest.raises(ValueError, match=message):
+    ingest.build([rows], opts, progress=False)

@@ -18,6 +18,12 @@ Optional fields (summary, tags, concepts, rois, phrases, phrase_boxes) come from
 itself, the webdataset `json`, or a `sidecar` JSONL keyed by `key`. Every image is decoded
 once: grayscale / CMYK / alpha / palette images are converted to RGB and re-encoded as
 JPEG, unusable records are skipped and counted by reason in the report.
+
+Class labels (`labels`, for zero-shot evaluation and the linear probe): each named column
+becomes a tfds `ClassLabel` feature. Its class names are a names file's lines (then a value
+is a name or an integer index into them), else the column's distinct strings, sorted,
+after the names an earlier split of the dataset already has (so ids stay valid across
+splits). The report lists the columns kept and those ignored.
 """
 import csv
 import dataclasses
@@ -29,6 +35,7 @@ import re
 import tarfile
 
 import numpy as np
+import tensorflow_datasets as tfds
 from PIL import Image
 from tqdm import auto as tqdm
 
@@ -42,6 +49,9 @@ _DEFAULT_KEYS = {  # Candidate feature / column names, first present wins.
     "caption": ("caption", "image/text", "text", "txt", "title"),
 }
 _EXAMPLES_PER_REASON = 5  # Skipped keys listed in the report per reason.
+# Columns that become fields of a record besides the image, caption and label columns.
+_RECORD_COLUMNS = ("key", "captions", "summary", "tags", "concepts", "rois", "phrases",
+                   "phrase_boxes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +68,16 @@ class Options:
   min_side: int = 8
   max_aspect: float = 20.0
   max_pixels: int = 50_000_000
+  labels: tuple = ()  # Columns kept as ClassLabel features.
+  label_names: tuple = ()  # ((column, names file), ...): required for integer labels.
+
+
+class BadLabel(ValueError):
+  """A sample whose label is absent or names no class; skipped, counted by `reason`."""
+
+  def __init__(self, reason, detail):
+    super().__init__(f"{reason}: {detail}")
+    self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,10 +144,23 @@ def plan(inputs, fmt=None, shard_size=5000, image_key=None):
 # -------------------------------------------------------------------------------------
 # Reading samples: (key, image bytes or None, fields dict).
 # -------------------------------------------------------------------------------------
-def _pick(fields, key, role):
+def _picked_column(fields, key, role):
+  """The column that holds `role` ('image', 'caption'): `key`, else the first default."""
   if key is not None:
-    return fields.get(key)
-  return next((fields[k] for k in _DEFAULT_KEYS[role] if k in fields), None)
+    return key if key in fields else None
+  return next((k for k in _DEFAULT_KEYS[role] if k in fields), None)
+
+
+def _pick(fields, key, role):
+  column = _picked_column(fields, key, role)
+  return None if column is None else fields[column]
+
+
+def used_columns(fields, opts):
+  """The columns of a sample that make up its record; the others are ignored."""
+  picked = {_picked_column(fields, opts.image_key, "image"),
+            _picked_column(fields, opts.caption_key, "caption")}
+  return {c for c in fields if c in picked or c in _RECORD_COLUMNS or c in opts.labels}
 
 
 def sample_captions(fields, caption_key=None):
@@ -140,14 +173,19 @@ def sample_captions(fields, caption_key=None):
   return texts(fields.get("captions")) or texts(_pick(fields, caption_key, "caption"))
 
 
-def _rows_samples(task, opts):
+def _rows_entries(task, opts):
+  """(key, image path or None, fields) per sample of a rows task, reading no image."""
   image_dir = opts.image_dir or os.path.dirname(os.path.abspath(task.source))
   for rows in task.rows:  # One sample: the first row's fields, every row's captions.
     captions = [c for r in rows for c in sample_captions(r, opts.caption_key)]
     row = {**rows[0], "captions": captions}
     rel = _pick(row, opts.image_key, "image")
     key = str(row.get("key") or (os.path.splitext(os.path.basename(rel))[0] if rel else ""))
-    path = os.path.join(image_dir, rel) if rel else None
+    yield key, os.path.join(image_dir, rel) if rel else None, row
+
+
+def _rows_samples(task, opts):
+  for key, path, row in _rows_entries(task, opts):
     data = None
     if path and os.path.isfile(path):
       with open(path, "rb") as f:
@@ -204,6 +242,107 @@ _READERS = {"rows": _rows_samples, "webdataset": _webdataset_samples,
 
 
 # -------------------------------------------------------------------------------------
+# Class labels.
+# -------------------------------------------------------------------------------------
+def _label_value(value):
+  """A label cell as a str or int; None when absent or empty."""
+  if isinstance(value, (list, tuple, np.ndarray)):
+    if len(value) > 1:
+      raise BadLabel("bad_label", f"one label per sample, got {list(value)!r}")
+    value = value[0] if len(value) else None
+  if isinstance(value, bytes):
+    value = value.decode("utf-8", errors="replace")
+  if isinstance(value, np.integer):
+    value = int(value)
+  if isinstance(value, str):
+    value = value.strip() or None
+  return value
+
+
+def label_id(value, names, column):
+  """The class id of a label cell: its name's index, else an integer index into `names`."""
+  value = _label_value(value)
+  if value is None:
+    raise BadLabel("missing_label", f"no {column!r}")
+  if isinstance(value, str) and value in names:
+    return names.index(value)
+  is_int = isinstance(value, int) and not isinstance(value, bool)
+  if is_int or (isinstance(value, str) and value.isdigit()):
+    if 0 <= int(value) < len(names):
+      return int(value)
+  raise BadLabel("unknown_label", f"{column}={value!r} is none of {len(names)} classes")
+
+
+def _read_names(path, column):
+  with open(os.path.expanduser(path)) as f:
+    names = [line.strip() for line in f if line.strip()]
+  if not names or len(set(names)) != len(names):
+    raise ValueError(f"--label_names={column}={path}: needs one distinct class name per line")
+  return names
+
+
+def existing_classes(out_dir):
+  """{column: names} of the ClassLabel features of a dataset already in `out_dir`."""
+  if not os.path.exists(os.path.join(out_dir, "dataset_info.json")):
+    return None
+  features = tfds.builder_from_directory(out_dir).info.features
+  return {k: list(f.names) for k, f in features.items()
+          if isinstance(f, tfds.features.ClassLabel)}
+
+
+def _sample_fields(tasks, opts):
+  """Every sample's fields (the sidecar's included), reading no image file of rows."""
+  sidecar = _load_sidecar(opts.sidecar)
+  for task in tasks:
+    entries = (_rows_entries(task, opts) if task.kind == "rows"
+               else _READERS[task.kind](task, opts))
+    for key, _, fields in entries:
+      yield {**fields, **sidecar.get(key, {})}
+
+
+def resolve_classes(tasks, opts):
+  """{label column: class names} for the build, consistent with earlier splits."""
+  files = dict(opts.label_names)
+  for column in opts.labels:
+    if column in writer.record_features().keys() or column in ("image", "key"):
+      raise ValueError(f"--labels: {column!r} is a field of hvla's records; a label column "
+                       "needs another name")
+  if set(files) - set(opts.labels):
+    raise ValueError(f"--label_names: {sorted(set(files) - set(opts.labels))} are not in "
+                     f"--labels={list(opts.labels)}")
+  existing = existing_classes(opts.out_dir)
+  if existing is not None and set(existing) != set(opts.labels):
+    raise ValueError(f"--labels={list(opts.labels)}: {opts.out_dir} already has the label "
+                     f"columns {sorted(existing)}; every split needs the same --labels")
+  existing = existing or {}
+  scanned = [c for c in opts.labels if c not in files]
+  seen = {c: set() for c in scanned}
+  for fields in _sample_fields(tasks, opts) if scanned else ():
+    for column in scanned:
+      value = _label_value(fields.get(column))
+      if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(f"--labels: column {column!r} holds integers ({value}); name "
+                         f"their classes with --label_names={column}=FILE (line i names "
+                         "class i)")
+      if value is not None:
+        seen[column].add(str(value))
+  classes = {}
+  for column in opts.labels:
+    before = existing.get(column, [])
+    if column in files:
+      names = _read_names(files[column], column)
+      if before and before != names:
+        raise ValueError(f"--label_names={column}={files[column]}: differs from the class "
+                         f"names an earlier split of {opts.out_dir} has for it")
+    else:
+      names = before + sorted(seen[column] - set(before))
+    if not names:
+      raise ValueError(f"--labels: column {column!r} has no value in any sample")
+    classes[column] = names
+  return classes
+
+
+# -------------------------------------------------------------------------------------
 # Samples -> records.
 # -------------------------------------------------------------------------------------
 def clean_image(data, opts):
@@ -230,8 +369,9 @@ def _array(value, shape, dtype, name):
   return arr
 
 
-def make_record(image, fields, opts):
-  """One record of writer.record_features; raises BadRecord when unusable."""
+def make_record(image, fields, opts, classes=None):
+  """One record of writer.record_features(classes=classes); raises BadRecord (or BadLabel)
+  when unusable."""
   captions = sample_captions(fields, opts.caption_key)
   if not captions:
     raise ops.BadRecord("empty_caption")
@@ -259,6 +399,8 @@ def make_record(image, fields, opts):
       concepts=[str(c) for c in fields.get("concepts") or []],
       rois=dict(boxes=boxes, labels=labels or [""] * len(boxes)),
       phrases=phrases, phrase_boxes=phrase_boxes)
+  for column, names in (classes or {}).items():
+    record[column] = label_id(fields.get(column), names, column)
   if opts.roi_feature_dim:
     feats = _array(rois.get("features"), (opts.roi_feature_dim,), np.float16,
                    "rois.features")
@@ -280,30 +422,35 @@ def _report_path(opts, task):
                            task.count) + ".report.json"
 
 
-def run_task(task, opts):
+def run_task(task, opts, classes=None):
   """Writes one shard and its report (written last: the completion marker)."""
   sidecar = _load_sidecar(opts.sidecar)
-  report = {"written": 0, "skipped": {}, "examples": {}}
+  report = {"written": 0, "skipped": {}, "examples": {}, "kept": [], "ignored": []}
+  kept, ignored = set(), set()
 
   def records():
     for key, image, fields in _READERS[task.kind](task, opts):
       fields = {**fields, **sidecar.get(key, {})}
+      used = used_columns(fields, opts)
+      kept.update(used)
+      ignored.update(set(fields) - used)
       reason = "missing_image"
       if image is not None:
         try:
-          yield make_record(image, fields, opts)
+          yield make_record(image, fields, opts, classes)
           continue
-        except ops.BadRecord as e:
+        except (ops.BadRecord, BadLabel) as e:
           reason = e.reason
       report["skipped"][reason] = report["skipped"].get(reason, 0) + 1
       keys = report["examples"].setdefault(reason, [])
       if len(keys) < _EXAMPLES_PER_REASON:
         keys.append(key)
 
-  features = writer.record_features(opts.roi_feature_dim)
+  features = writer.record_features(opts.roi_feature_dim, classes)
   report["written"] = writer.write_shard(
       writer.shard_path(opts.out_dir, opts.name, opts.split, task.index, task.count),
       features, records())
+  report["kept"], report["ignored"] = sorted(kept), sorted(ignored - kept)
   with open(_report_path(opts, task), "w") as f:
     json.dump(report, f)
   return report
@@ -321,11 +468,12 @@ def build(inputs, opts, *, fmt=None, shard_size=5000, workers=1, progress=True):
   """
   os.makedirs(opts.out_dir, exist_ok=True)
   tasks = plan(inputs, fmt, shard_size, opts.image_key)
+  classes = resolve_classes(tasks, opts) if opts.labels else {}
   todo = [t for t in tasks if not os.path.exists(_report_path(opts, t))]
   if todo:
     bar = tqdm.tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit="shard",
                     desc=f"{opts.name}/{opts.split}", disable=not progress)
-    jobs = [(t, opts) for t in todo]
+    jobs = [(t, opts, classes) for t in todo]
     if workers > 1:
       with multiprocessing.get_context("spawn").Pool(min(workers, len(todo))) as pool:
         for _ in pool.imap_unordered(_run_task_star, jobs):
@@ -337,7 +485,8 @@ def build(inputs, opts, *, fmt=None, shard_size=5000, workers=1, progress=True):
     bar.close()
   report = summarize(opts, tasks)
   report["shards_built"] = len(todo)
-  _write_info(opts)
+  report["labels"] = {column: len(names) for column, names in classes.items()}
+  _write_info(opts, classes)
   with open(os.path.join(opts.out_dir, f"{opts.name}-{opts.split}.report.json"), "w") as f:
     json.dump(report, f, indent=2)
   return report
@@ -347,19 +496,23 @@ def summarize(opts, tasks):
   """Adds up the shard reports of a split."""
   total = {"split": opts.split, "written": 0, "skipped": {}, "examples": {},
            "shard_lengths": []}
+  kept, ignored = set(), set()
   for task in tasks:
     with open(_report_path(opts, task)) as f:
       r = json.load(f)
+    kept.update(r.get("kept", ()))  # Shards of older builds did not list them.
+    ignored.update(r.get("ignored", ()))
     total["written"] += r["written"]
     total["shard_lengths"].append(r["written"])
     for reason, n in r["skipped"].items():
       total["skipped"][reason] = total["skipped"].get(reason, 0) + n
       keys = total["examples"].setdefault(reason, [])
       keys += r["examples"][reason][:_EXAMPLES_PER_REASON - len(keys)]
+  total["columns"] = {"kept": sorted(kept), "ignored": sorted(ignored - kept)}
   return total
 
 
-def _write_info(opts):
+def _write_info(opts, classes):
   """dataset_info.json over every split whose shards are all reported."""
   pattern = re.compile(rf"{re.escape(opts.name)}-(.+)\.{writer.FILE_FORMAT}-(\d+)-of-(\d+)"
                        r"\.report\.json$")
@@ -372,5 +525,6 @@ def _write_info(opts):
   lengths = {split: [n for _, (_, n) in sorted(found.items())]
              for split, found in shards.items()
              if len(found) == next(iter(found.values()))[0]}
-  writer.write_info(opts.out_dir, opts.name, writer.record_features(opts.roi_feature_dim),
-                    lengths, description="Ingested with hvla.tools.build_dataset.")
+  writer.write_info(opts.out_dir, opts.name,
+                    writer.record_features(opts.roi_feature_dim, classes), lengths,
+                    description="Ingested with hvla.tools.build_dataset.")

@@ -13,13 +13,19 @@ FILE_FORMAT = "array_record"
 _TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 
 
-def record_features(roi_feature_dim=0):
-  """hvla's record schema (ARCHITECTURE.md "Records"); empty values mean absent."""
+def record_features(roi_feature_dim=0, classes=None):
+  """hvla's record schema (ARCHITECTURE.md "Records"); empty values mean absent.
+
+  `classes` {column: class names} adds one ClassLabel feature per label column.
+  """
   rois = {"boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
           "labels": tfds.features.Sequence(tfds.features.Text())}
   if roi_feature_dim:
     rois["features"] = tfds.features.Tensor(shape=(None, roi_feature_dim), dtype=np.float16)
+  labels = {column: tfds.features.ClassLabel(names=list(names))
+            for column, names in (classes or {}).items()}
   return tfds.features.FeaturesDict({
+      **labels,
       "image": tfds.features.Image(shape=(None, None, 3)),  # Stored as given: JPEG/PNG.
       "caption": tfds.features.Text(),
       # Every caption of the image, `caption` first (COCO, Flickr30k: about 5).
