@@ -311,7 +311,39 @@ def retrieval_reference(params, images, captions):
   i2t = [min(list(np.argsort(-sim[i], kind="stable")).index(t) for t in np.nonzero(owner == i)[0])
          for i in range(len(img))]
   t2i = [list(np.argsort(-sim[:, t], kind="stable")).index(owner[t]) for t in range(len(txt))]
-  return retrieval.recalls(np.array(i2t), np.array(t2i))
+  return {**retrieval.recalls(np.array(i2t), np.array(t2i)),
+          **ceilings_reference(captions[present], owner, len(img))}
+
+
+def ceilings_reference(tokens, owner, num_images):
+  """R@1 ceilings by loops: per group of equal captions, the most captions of one image
+  (text->image) and the image of its first caption (image->text)."""
+  groups = {}
+  for index, row in enumerate(tokens):
+    groups.setdefault(tuple(row), []).append(index)
+  t2i = sum(max(np.bincount(owner[members])) for members in groups.values())
+  i2t = len({owner[members[0]] for members in groups.values()})
+  return {"i2t_r1_ceiling": i2t / num_images, "t2i_r1_ceiling": t2i / len(tokens)}
+
+
+def test_r1_ceilings_hand_case():
+  # Captions 0 and 1 are equal but belong to images 0 and 1; image 2 has captions 2, 3.
+  tokens = np.array([[5, 3], [5, 3], [6, 3], [7, 3]])
+  ceilings = retrieval.r1_ceilings(tokens, np.array([0, 1, 2, 2]), 3)
+  assert ceilings == {"i2t_r1_ceiling": 2 / 3, "t2i_r1_ceiling": 3 / 4}
+  assert retrieval.r1_ceilings(tokens[2:], np.array([0, 1]), 2) == {
+      "i2t_r1_ceiling": 1.0, "t2i_r1_ceiling": 1.0}
+
+
+def test_recall_at_1_never_passes_its_ceiling():
+  """Templated captions ('<colour> <place>', 12 texts for 40 images) cap R@1 far below 1,
+  for every model: the oracle (colour only) and random ones alike."""
+  data = {"test": shapes(40, 9)}
+  for params in (oracle_params(), random_params(9), random_params(10)):
+    scalars, _ = make("retrieval", data).run(params)
+    assert scalars["retrieval/i2t_r1_ceiling"] <= 12 / 40
+    for direction in ("i2t", "t2i"):
+      assert scalars[f"retrieval/{direction}_r1"] <= scalars[f"retrieval/{direction}_r1_ceiling"]
 
 
 def test_retrieval_several_captions_matches_reference_on_1_and_8_devices():
@@ -542,6 +574,7 @@ def test_real_pipeline_and_model_untrained_at_chance(tmp_path_factory):
   assert set(scalars) == {
       "zs_shape/top1", "zs_shape/top5", "zs_color/top1", "zs_color/top5",
       *(f"retrieval/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)),
+      "retrieval/i2t_r1_ceiling", "retrieval/t2i_r1_ceiling",
       "grounding/pointing", "grounding/box_acc", "probe/top1", "probe/4shot_top1"}
   assert abs(scalars["zs_shape/top1"] - 1 / 8) < 0.08
   assert abs(scalars["zs_color/top1"] - 1 / 8) < 0.08
@@ -588,7 +621,7 @@ def test_two_processes_equal_one_process():
   reported = [json.loads(line.split("scalars=", 1)[1])
               for line in result.stdout.splitlines() if "scalars=" in line]
   expected = evaluate_everything(mesh_of(8))
-  assert len(reported) == 2 and len(expected) == 11
+  assert len(reported) == 2 and len(expected) == 13
   for scalars in reported:
     assert scalars == pytest.approx(expected, abs=1e-12)
 

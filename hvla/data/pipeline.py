@@ -35,6 +35,29 @@ validate_data_config = config_lib.validate_data_config
 ensure_dataset = sources.ensure_dataset
 class_names = sources.class_names
 tokenizer_for = sources.tokenizer_for
+label_features = sources.label_features
+
+
+def dataset_features(data_config):
+  """The dataset's tfds features (its description only; hvla_shapes is built if missing)."""
+  return sources.dataset_builder(data_config).info.features
+
+
+def dataset_splits(data_config):
+  return sorted(sources.dataset_builder(data_config).info.splits)
+
+
+def batch_fields(data_config, features, *, train):
+  """The '/'-paths of the fields of a batch that `make_loader` gives for these features."""
+  views = config_lib.validate_data_config(data_config)
+  examples.check_features(data_config, features, data_config.dataset)
+  spec = examples.layout(data_config, views, features, train)
+
+  def paths(node, prefix):
+    if isinstance(node, dict):
+      return [p for key, child in node.items() for p in paths(child, f"{prefix}{key}/")]
+    return [prefix[:-1]]
+  return sorted(paths(spec, ""))
 
 
 class _RecordSource:

@@ -1,8 +1,10 @@
 """Finding a dataset: tfds builders, the auto-built hvla_shapes and its tokenizer."""
 import contextlib
 import fcntl
+import io
 import os
 
+from absl import logging
 import tensorflow_datasets as tfds
 
 from hvla.data import tokenizer as tokenizer_lib
@@ -22,6 +24,21 @@ def _file_lock(path):
       yield
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """Keeps tfds' build chatter off the console (a download banner for data drawn locally,
+  progress bars, warnings about the custom configuration); hvla logs its own lines."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tfds.display_progress_bar(True)  # tfds' default.
+    logging.set_verbosity(verbosity)
 
 
 def data_dir(config):
@@ -46,9 +63,13 @@ def ensure_dataset(config):
       tokenizer_path):
     return path
   with _file_lock(os.path.dirname(path) + ".lock"):
-    builder = shapes.make_builder(data_dir(config), **config.shapes)
-    if not builder.is_prepared():  # Another process may have built it meanwhile.
-      builder.download_and_prepare(file_format="array_record")
+    with _quiet_tfds():
+      builder = shapes.make_builder(data_dir(config), **config.shapes)
+      prepared = builder.is_prepared()  # Another process may have built it meanwhile.
+    if not prepared:
+      logging.info("Building hvla_shapes (%s) in %s.", name, path)
+      with _quiet_tfds():
+        builder.download_and_prepare(file_format="array_record")
     assert os.fspath(builder.data_dir) == path, (builder.data_dir, path)  # Same layout.
     if not os.path.exists(tokenizer_path):
       tokenizer_lib.train_tokenizer(
@@ -104,6 +125,11 @@ def dataset_texts(builder, split, fields, limit=None):
       text = as_str(record.get(field, b"")).strip()
       if text:
         yield text
+
+
+def label_features(features):
+  """The names of a dataset's class-label (ClassLabel) features."""
+  return sorted(k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel))
 
 
 def class_names(config, name):

@@ -21,7 +21,9 @@ def default_eval_config(type_name, **overrides):
 def get_evaluator(name, eval_config, *, encoders, mesh, data_config, tokenizer=None):
   """Builds the evaluator `name` from its `config.evals.<name>` entry.
 
-  Its data is the training `data_config` with `eval_config.data` applied over it.
+  Its data is the training `data_config` with `eval_config.data` applied over it; the
+  splits, labels and fields it reads are checked against the dataset first. Its
+  tokenizer is its data's unless `tokenizer` is given.
   """
   if "type" not in eval_config:
     raise ValueError(f"config.evals.{name} needs a `type`; known: {sorted(common.types())}.")
@@ -29,4 +31,6 @@ def get_evaluator(name, eval_config, *, encoders, mesh, data_config, tokenizer=N
   config = common.merge_config(cls.default_config(), eval_config, name)
   source = common.DatasetSource(data_config, config.data, config.batch_size, view=config.view,
                                 labels=(config.label,) if "label" in config else ())
+  source.check(name, *cls.reads(config))
+  tokenizer = source.tokenizer() if tokenizer is None else tokenizer
   return cls(name, config, encoders=encoders, mesh=mesh, source=source, tokenizer=tokenizer)

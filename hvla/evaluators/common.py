@@ -43,7 +43,7 @@ class DatasetSource:
 
   Only the evaluated `view` is decoded (it also becomes the view of the boxes), and the
   `labels` the evaluator reads are added to those the data emits. `split=None` reads
-  `config.data.eval_split`.
+  `config.data.eval_split`. `check` opens the dataset's description, never a record.
   """
 
   def __init__(self, data_config, overrides, batch_size, *, view, labels=()):
@@ -57,6 +57,38 @@ class DatasetSource:
     config.labels = tuple(dict.fromkeys((*config.labels, *labels)))
     pipeline.validate_data_config(config)
     self.config, self.batch_size, self.text_len = config, batch_size, config.text.max_len
+    self.labels = tuple(labels)
+
+  def check(self, name, splits, paths):
+    """Fails, naming the eval's key, where the dataset lacks one of the evaluator's
+    `labels`, one of its `splits` ({config key: split or None}) or a batch field in
+    `paths`: before anything compiles, not at the first evaluation."""
+    dataset = self.config.dataset
+    features = pipeline.dataset_features(self.config)
+    labels = pipeline.label_features(features)
+    for label in self.labels:
+      if label not in labels:
+        raise ValueError(
+            f"config.evals.{name}.label: dataset {dataset!r} has no class label {label!r} "
+            f"(its class labels: {labels}); set the eval's label, or keep the column with "
+            "python -m hvla.tools.build_dataset --labels=COLUMN")
+    available = pipeline.dataset_splits(self.config)
+    for key, split in splits.items():
+      if (split or self.config.eval_split) not in available:
+        fix = f"config.evals.{name}.{key}" + (" or config.data.eval_split" if split is None
+                                               else "")
+        raise ValueError(f"config.evals.{name}.{key}: dataset {dataset!r} has no split "
+                         f"{split or self.config.eval_split!r} (its splits: {available}); "
+                         f"set {fix}")
+    fields = pipeline.batch_fields(self.config, features, train=False)
+    missing = [path for path in paths if path not in fields]
+    if missing:
+      raise ValueError(f"config.evals.{name}: reads {missing}, which dataset {dataset!r} "
+                       f"with this config does not give (its batches have {fields})")
+
+  def tokenizer(self):
+    """The tokenizer of this data's texts (the one its batches are tokenised with)."""
+    return pipeline.tokenizer_for(self.config) if self.config.text.fields else None
 
   def batches(self, split):
     return pipeline.make_loader(
@@ -75,7 +107,13 @@ class Evaluator:
   uint8 [N, H, W, 3] arrays for TensorBoard and is empty for evaluators without pictures.
   `source` provides `batches(split)` (host-local batches, see docs/design.md),
   `class_names(label)` and `text_len` (the token length of the dataset's texts).
+  `reads(config)` names the splits and batch fields, checked before anything compiles.
   """
+
+  @staticmethod
+  def reads(config):
+    """({config key: split or None}, batch field paths) that an evaluation reads."""
+    raise NotImplementedError
 
   def __init__(self, name, config, *, encoders, mesh, source, tokenizer=None):
     batch_devices = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))

@@ -112,10 +112,14 @@ class Grounding(common.Evaluator):
 
   default_config = staticmethod(default_config)
 
+  @staticmethod
+  def reads(config):
+    return {"split": config.split}, (f"images/{config.view}", f"tokens/{config.text}",
+                                     "phrases/spans", "phrases/boxes", "phrases/mask")
+
   def __init__(self, name, config, **kwargs):
     super().__init__(name, config, **kwargs)
-    self.keys = (f"images/{config.view}", f"tokens/{config.text}", "phrases/spans",
-                 "phrases/boxes", "phrases/mask")
+    self.keys = self.reads(config)[1]
     maps = functools.partial(_maps, self.encoders, *self.keys[:3])
     self._hits = common.per_example_step(
         functools.partial(_hits, maps, config.box_threshold), self.mesh)

@@ -70,6 +70,11 @@ class LinearProbe(common.Evaluator):
 
   default_config = staticmethod(default_config)
 
+  @staticmethod
+  def reads(config):
+    return ({"train_split": config.train_split, "test_split": config.test_split},
+            (f"images/{config.view}", f"labels/{config.label}"))
+
   def __init__(self, name, config, **kwargs):
     super().__init__(name, config, **kwargs)
     if config.feature not in ("embedding", "pooled"):
@@ -77,7 +82,7 @@ class LinearProbe(common.Evaluator):
                        f"got {config.feature!r}.")
     if not config.full and not config.shots:
       raise ValueError(f"config.evals.{name}: set full=True or some shots.")
-    self.keys = (f"images/{config.view}", f"labels/{config.label}")
+    self.keys = self.reads(config)[1]
     self._features = common.per_example_step(
         functools.partial(_features, self.encoders, config.feature, *self.keys), self.mesh)
 

@@ -5,6 +5,10 @@ when any of its captions is among the K captions most similar to it; a caption c
 when its own image is among the K most similar images. A batch holds either one caption
 per image (`tokens/<text>` [B, L]) or several (`[B, C, L]`, all-pad rows for absent
 captions).
+
+Identical captions (the same token rows: duplicates, templated captions) embed
+identically, so no model tells their images apart: the `*_r1_ceiling` metrics are the
+best R@1 any model can reach on the split, 1.0 when every caption is distinct.
 """
 import functools
 
@@ -43,6 +47,25 @@ def retrieval_ranks(images, texts, owner):
           common.first_positive_rank(sim.T, positives.T))
 
 
+def r1_ceilings(tokens, owner, num_images):
+  """The highest image->text and text->image R@1 that any model reaches when equal token
+  rows get equal embeddings (ties going to the lower index, as in the ranks).
+
+  tokens [M, L] of the captions, owner [M] their images. A group of equal captions ranks
+  the images one way: at most the captions of one image in it are hits. An image is a
+  hit only if it owns the first caption of a group, which wins every tie in the group.
+  """
+  _, group = np.unique(tokens, axis=0, return_inverse=True)
+  group = group.reshape(-1)
+  pairs, counts = np.unique(np.stack([group, owner], axis=1), axis=0, return_counts=True)
+  best = np.zeros(group.max() + 1, np.int64)
+  np.maximum.at(best, pairs[:, 0], counts)
+  first = np.full(len(best), len(owner))
+  np.minimum.at(first, group, np.arange(len(owner)))
+  return {"i2t_r1_ceiling": len(np.unique(owner[first])) / num_images,
+          "t2i_r1_ceiling": best.sum() / len(owner)}
+
+
 def recalls(image_ranks, text_ranks, ks=KS):
   return {**{f"i2t_r{k}": np.mean(image_ranks < k) for k in ks},
           **{f"t2i_r{k}": np.mean(text_ranks < k) for k in ks}}
@@ -50,32 +73,40 @@ def recalls(image_ranks, text_ranks, ks=KS):
 
 @common.register("retrieval")
 class Retrieval(common.Evaluator):
-  """Metrics: `i2t_r1`, `i2t_r5`, `i2t_r10`, `t2i_r1`, `t2i_r5`, `t2i_r10`."""
+  """Metrics: `i2t_r1`, `i2t_r5`, `i2t_r10`, `t2i_r1`, `t2i_r5`, `t2i_r10`, and the R@1
+  ceilings `i2t_r1_ceiling`, `t2i_r1_ceiling`."""
 
   default_config = staticmethod(default_config)
 
+  @staticmethod
+  def reads(config):
+    return {"split": config.split}, (f"images/{config.view}", f"tokens/{config.text}")
+
   def __init__(self, name, config, **kwargs):
     super().__init__(name, config, **kwargs)
-    self.image_key, self.text_key = f"images/{config.view}", f"tokens/{config.text}"
+    self.keys = self.reads(config)[1]
     self._embed = common.per_example_step(
-        functools.partial(_embed_pairs, self.encoders, self.image_key, self.text_key), self.mesh)
+        functools.partial(_embed_pairs, self.encoders, *self.keys), self.mesh)
 
   def run(self, params):
     out = common.collect(self._embed, self.source.batches(self.config.split), self.mesh,
-                         (self.image_key, self.text_key), params)
+                         self.keys, params)
     present = out["text_mask"].reshape(-1)
     texts = out["text"].reshape(-1, out["text"].shape[-1])[present]
     owner = np.repeat(np.arange(len(out["image"])), out["text_mask"].shape[1])[present]
     image_ranks, text_ranks = jax.device_get(retrieval_ranks(out["image"], texts, owner))
-    return self._scalars(recalls(image_ranks, text_ranks)), {}
+    tokens = out["tokens"].reshape(-1, out["tokens"].shape[-1])[present]
+    return self._scalars({**recalls(image_ranks, text_ranks),
+                          **r1_ceilings(tokens, owner, len(out["image"]))}), {}
 
 
 def _embed_pairs(encoders, image_key, text_key, params, batch):
-  """Image embeddings [B, D], caption embeddings [B, C, D] and which captions exist."""
+  """Image embeddings [B, D], caption embeddings [B, C, D], their tokens [B, C, L] and
+  which captions exist."""
   image = encoders.image(params, batch[image_key])["embedding"]
   tokens = batch[text_key]
   tokens = tokens[:, None] if tokens.ndim == 2 else tokens
   b, c, length = tokens.shape
   text = encoders.text(params, tokens.reshape(b * c, length))["embedding"]
-  return {"image": image, "text": text.reshape(b, c, -1),
+  return {"image": image, "text": text.reshape(b, c, -1), "tokens": tokens,
           "text_mask": jnp.any(tokens != 0, axis=-1)}

@@ -69,6 +69,10 @@ class ZeroShot(common.Evaluator):
 
   default_config = staticmethod(default_config)
 
+  @staticmethod
+  def reads(config):
+    return {"split": config.split}, (f"images/{config.view}", f"labels/{config.label}")
+
   def __init__(self, name, config, **kwargs):
     super().__init__(name, config, **kwargs)
     if self.tokenizer is None:
@@ -77,7 +81,7 @@ class ZeroShot(common.Evaluator):
     prompts = templates_lib.prompts(names, templates_lib.get_templates(config.templates))
     self.num_classes = len(names)
     self.prompt_tokens = self.tokenizer.encode(prompts, self.source.text_len)
-    self.keys = (f"images/{config.view}", f"labels/{config.label}")
+    self.keys = self.reads(config)[1]
     self._encode_text = common.per_example_step(
         functools.partial(_encode_text, self.encoders), self.mesh)
     self._label_rank = common.per_example_step(
