@@ -71,10 +71,16 @@ def find_checkpoint(path):
 def load_tree(state_dir):
   """A checkpoint's `state` item as host numpy arrays: independent of the device
   topology it was written on."""
-  checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(state_dir).item_metadata.tree
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+  # The item's own handler: a Checkpointer would look for step metadata in the item
+  # directory and warn that it is missing.
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    state_dir = epath.Path(state_dir)
+    tree = handler.metadata(state_dir).tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return handler.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+  finally:
+    handler.close()
 
 
 def load_params(path):

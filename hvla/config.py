@@ -4,6 +4,7 @@ Config files start from `base_config()`, so every key exists and an override of 
 that does not (`--config.optimiser.lr=...`) fails in ml_collections with its name.
 `validate` then rejects what a config file itself got wrong, before anything compiles.
 """
+import ast
 import re
 
 import ml_collections
@@ -74,6 +75,68 @@ def base_config():
   c.init = ""  # A checkpoint directory (or workdir) to take parameters from.
   c.compilation_cache = ""  # A directory for jax's persistent compilation cache.
   return c
+
+
+def _top_level_items(text):
+  """'a=1,b=(1, 2),c={"x": 1}' -> ['a=1', 'b=(1, 2)', 'c={"x": 1}']: commas inside
+  brackets or quotes do not split."""
+  items, depth, quote, start = [], 0, None, 0
+  for i, char in enumerate(text):
+    if quote:
+      quote = None if char == quote else quote
+    elif char in "'\"":
+      quote = char
+    elif char in "([{":
+      depth += 1
+    elif char in ")]}":
+      depth -= 1
+    elif char == "," and depth == 0:
+      items.append(text[start:i])
+      start = i + 1
+  return [item.strip() for item in items + [text[start:]] if item.strip()]
+
+
+def _literal(text):
+  """A Python literal ('5', '(1, 5)', "{'dataset': '/d'}"), else the text itself."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_eval_flags(config, specs):
+  """Adds, replaces and removes evaluators as `hvla.main --eval` asks, in order.
+
+  `NAME=TYPE[,KEY=VALUE...]` sets `config.evals.NAME` to TYPE's defaults with the values
+  (Python literals, else strings); `-NAME` removes it. Unknown types and keys fail with
+  their name, as in a config file.
+  """
+  for spec in specs:
+    if spec.startswith("-"):
+      name = spec[1:]
+      if name not in config.evals:
+        raise ValueError(f"--eval={spec}: no config.evals.{name} to remove; there are "
+                         f"{sorted(config.evals)}.")
+      with config.unlocked():
+        del config.evals[name]
+      continue
+    head, *items = _top_level_items(spec)
+    name, sep, type_name = head.partition("=")
+    if not (sep and name and type_name):
+      raise ValueError(f"--eval={spec}: expected NAME=TYPE[,KEY=VALUE...] or -NAME.")
+    overrides = {}
+    for item in items:
+      key, sep, value = item.partition("=")
+      if not sep:
+        raise ValueError(f"--eval={spec}: {item!r} is not KEY=VALUE.")
+      overrides[key.strip()] = _literal(value.strip())
+    try:
+      ev = evaluators.default_eval_config(type_name, **overrides)
+    except ValueError as e:
+      raise ValueError(f"--eval={spec}: {e}") from None
+    with config.unlocked():
+      config.evals[name] = ev
+  return config
 
 
 def _check_keys(config, reference, path):

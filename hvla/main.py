@@ -4,6 +4,14 @@ r"""hvla's entry point: train or evaluate a config.
   python -m hvla.main --config=configs/clip_vitb16.py:runlocal --workdir=/tmp/clip \
       --mode=eval
 
+A config file may live anywhere: it imports `configs.*` (the repository's) and the
+modules beside it. `--eval` adds, replaces or removes evaluators (docs/evaluation.md):
+
+  python -m hvla.main --config=configs/clip_vitb16.py:runlocal,data=/data/mine \
+      --workdir=/tmp/mine --eval=probe_kind=linear_probe,label=kind,shots=(1,5) --eval=-retrieval
+
+Ctrl-C stops with one line naming the newest checkpoint; the same command resumes.
+
 With several processes (a TPU pod, a SLURM job, `launch/local.py`) it first calls
 `jax.distributed.initialize`: without arguments where jax detects the cluster itself (TPU,
 SLURM), or with --coordinator_address / --num_processes / --process_id (or the
@@ -11,6 +19,12 @@ HVLA_COORDINATOR / HVLA_NUM_PROCESSES / HVLA_PROCESS_ID variables; flags win).
 """
 import os
 import sys
+
+# TensorFlow, which tfds imports, prints C++ start-up notices on every run: its log level
+# silences most, and its oneDNN notice goes with oneDNN's kernels, which hvla never runs
+# (TensorFlow only reads dataset files here; images are decoded with PIL, models are jax).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 # Config files import `configs.common`: make the repository root importable.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +40,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file, optionally with ':args'.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
+_EVAL = flags.DEFINE_multi_string(
+    "eval", [], "NAME=TYPE[,KEY=VALUE...] adds or replaces config.evals.NAME; -NAME "
+    "removes it. Applied in order, after the --config overrides.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for jax.distributed.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
@@ -59,6 +76,19 @@ def cluster_detected(environ):
   return slurm or tpu_pod
 
 
+def config_file_dir(argv):
+  """The directory of the --config file in `argv` (None without one)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      value = arg[len("--config="):]
+    elif arg == "--config" and i + 1 < len(argv):
+      value = argv[i + 1]
+    else:
+      continue
+    return os.path.dirname(os.path.abspath(value.split(":", 1)[0]))
+  return None
+
+
 def initialize_distributed(environ=os.environ):
   import jax  # pylint: disable=g-import-not-at-top
   explicit = distributed_arguments(
@@ -78,6 +108,8 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required.")
+  from hvla import config as config_lib  # pylint: disable=g-import-not-at-top
+  config_lib.apply_eval_flags(config, _EVAL.value)
   initialize_distributed()
   from hvla import metrics  # pylint: disable=g-import-not-at-top
   metrics.quiet_library_logs()
@@ -88,12 +120,20 @@ def main(argv):
   logging.info("Process %d of %d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.default_backend())
-  if _MODE.value == "train":
-    train.train(config, _WORKDIR.value)
-  else:
-    train.evaluate(config, _WORKDIR.value)
+  try:
+    if _MODE.value == "train":
+      train.train(config, _WORKDIR.value)
+    else:
+      train.evaluate(config, _WORKDIR.value)
+  except (train.Interrupted, KeyboardInterrupt) as e:
+    print(str(e) or "Interrupted; the same command starts again.", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":
+  # Config files import their neighbours (the repository root is on the path already).
+  _HERE = config_file_dir(sys.argv)
+  if _HERE and _HERE not in sys.path:
+    sys.path.insert(1, _HERE)
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -104,6 +104,16 @@ class Setup:
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, self.state_shardings)
 
+  def image_size_error(self, size):
+    """Why the image tower cannot take `size` px images, or None: traced, not compiled."""
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    try:
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        jax.eval_shape(self.encoders.image, self.abstract_state()["params"], images)
+    except Exception as e:  # Whatever the tower raises is what the message reports.
+      return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
   def put_params(self, state, params):
     """Replaces the state's parameters by host arrays (from `config.init`)."""
     expected = jax.tree.structure(state["params"])
@@ -188,16 +198,78 @@ def compiled_flops(compiled):
 
 
 # ----------------------------------------------------------------------------------------
+# What the towers are fed, checked before anything compiles.
+# ----------------------------------------------------------------------------------------
+def training_tokenizer(data_config):
+  """The tokenizer of the training texts (None without text fields)."""
+  return pipeline.tokenizer_for(data_config) if data_config.text.fields else None
+
+
+def check_tokenizer(tokenizer, key, vocab_size):
+  """Every id a tokenizer gives is below its piece count: one that fits the text tower's
+  embedding table never indexes past it."""
+  if tokenizer is None or tokenizer.vocab_size <= vocab_size:
+    return
+  raise ValueError(
+      f"{key}: the tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces, more "
+      f"than the text tower's model.text.vocab_size={vocab_size}: its ids would index past "
+      f"the embedding table. Retrain it with python -m hvla.tools.train_tokenizer "
+      f"--dataset=DATASET --vocab_size={vocab_size}, or set --config.model.text.vocab_size="
+      f"{tokenizer.vocab_size} or more.")
+
+
+def check_feeds(setup, evals):
+  """The training data and every evaluation's data give the towers what they take: token
+  ids inside the vocabulary, texts no longer than the text tower's, image sizes the image
+  tower accepts. Raises ValueError naming the key and the fix."""
+  model = setup.config.model
+  feeds = [("config.data", setup.config.data, training_tokenizer(setup.config.data))]
+  feeds += [(f"config.evals.{name}.data", ev.source.config, ev.tokenizer)
+            for name, ev in evals.items()]
+  size_error = functools.cache(setup.image_size_error)
+  for prefix, data, tokenizer in feeds:
+    check_tokenizer(tokenizer, f"{prefix}.text.tokenizer", model.text.vocab_size)
+    if data.text.fields and data.text.max_len > model.text.max_len:
+      raise ValueError(f"{prefix}.text.max_len: {data.text.max_len} tokens do not fit the "
+                       f"text tower's model.text.max_len={model.text.max_len}.")
+    for view, options in data.views.items():
+      error = size_error(options["size"])
+      if error:
+        raise ValueError(
+            f"{prefix}.views.{view}.size: the image tower ({model.image.name} at "
+            f"model.image.image_size={model.image.image_size}) cannot take "
+            f"{options['size']} px images ({error}); use a size it takes, e.g. "
+            f"{model.image.image_size}.")
+
+
+# ----------------------------------------------------------------------------------------
 # Evaluation.
 # ----------------------------------------------------------------------------------------
 def make_evaluators(setup):
+  """The config's evaluators; their texts are tokenised as training's are, unless an
+  eval's `data` names its own `text.tokenizer`."""
   config = setup.config
   if not config.evals:
     return {}
-  tokenizer = pipeline.tokenizer_for(config.data)
+  data = config.data.copy_and_resolve_references()
+  tokenizer = training_tokenizer(data)
+  if tokenizer is not None:
+    data.text.tokenizer = tokenizer.model_path
   return {name: evaluators.get_evaluator(name, ev, encoders=setup.encoders, mesh=setup.mesh,
-                                         data_config=config.data, tokenizer=tokenizer)
+                                         data_config=data)
           for name, ev in config.evals.items()}
+
+
+RESULTS_FILE = "eval_results.jsonl"
+
+
+def append_results(workdir, step, results):
+  """One JSON line {"step", "results"} per evaluation in `<workdir>/eval_results.jsonl`
+  (process 0). A resumed run may evaluate a step again: the last line of a step wins."""
+  if jax.process_index() or not results:
+    return
+  with (epath.Path(workdir) / RESULTS_FILE).open("a") as f:
+    f.write(json.dumps({"step": step, "results": results}, sort_keys=True) + "\n")
 
 
 def run_evaluators(evals, params, step, writer, only_due=True):
@@ -232,6 +304,20 @@ def write_config(config, workdir):
     (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+class Interrupted(Exception):
+  """Training stopped by Ctrl-C: says where the newest checkpoint is."""
+
+  def __init__(self, workdir, step):
+    if step is None:
+      message = (f"Interrupted before the first checkpoint in {workdir}; the same command "
+                 "starts again.")
+    else:
+      message = (f"Interrupted: the last checkpoint is step {step} in "
+                 f"{checkpointing.checkpoint_dir(workdir)}; the same command resumes from it.")
+    super().__init__(message)
+    self.step = step
+
+
 def train(config, workdir):
   """Trains from scratch or resumes from the newest checkpoint in `workdir`."""
   write_config(config, workdir)
@@ -241,10 +327,21 @@ def train(config, workdir):
       train=True, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
   setup = Setup(config, examples_per_epoch=loader.num_records)
+  evals = make_evaluators(setup)
+  check_feeds(setup, evals)
   writer = metrics_lib.make_writer(workdir)
   data_iter = iter(loader)
   manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
+  try:
+    return _train_loop(setup, evals, data_iter, manager, writer, workdir)
+  except KeyboardInterrupt:
+    manager.wait_until_finished()  # A save under way completes: nothing half-written.
+    raise Interrupted(workdir, manager.latest_step()) from None
 
+
+def _train_loop(setup, evals, data_iter, manager, writer, workdir):
+  """Restores or initialises the state, compiles the step and trains to the end."""
+  config = setup.config
   latest = manager.latest_step()
   if latest is not None:
     logging.info("Resuming from step %d in %s.", latest, workdir)
@@ -259,7 +356,6 @@ def train(config, workdir):
                           if isinstance(v, (int, float, str, bool))})
   step = int(state["step"])
 
-  evals = make_evaluators(setup)
   first = next(data_iter)
   start = time.perf_counter()
   train_step = setup.compile_train_step(global_batch_spec(first))
@@ -288,7 +384,9 @@ def train(config, workdir):
     # A preemption notice (SIGTERM on TPU VMs, SLURM) saves at once so nothing is lost.
     if step % config.checkpoint_every == 0 or last or manager.reached_preemption(step):
       checkpointing.save(manager, step, state, data_iter)
-    if run_evaluators(evals, state["params"], step, writer, only_due=not last):
+    results = run_evaluators(evals, state["params"], step, writer, only_due=not last)
+    if results:
+      append_results(workdir, step, results)
       throughput.restart(step)
     if not last:
       host_batch = next(data_iter)
@@ -302,12 +400,13 @@ def evaluate(config, workdir):
   """Evaluates the newest checkpoint of `workdir` (or `config.init`) with every eval."""
   pipeline.ensure_dataset(config.data)
   setup = Setup(config)
+  evals = make_evaluators(setup)
+  check_feeds(setup, evals)
   source = config.init or workdir
   params, step = checkpointing.load_params(source)
   state = setup.put_params(setup.init_state(), params)
   writer = metrics_lib.make_writer(workdir)
-  results = run_evaluators(make_evaluators(setup), state["params"], step, writer,
-                           only_due=False)
+  results = run_evaluators(evals, state["params"], step, writer, only_due=False)
   writer.flush()
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)

@@ -1,6 +1,7 @@
 """`--mode=eval` on a workdir's checkpoint, and inspect_checkpoint's report."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -21,17 +22,29 @@ def main_command(workdir, data_dir, *extra):
           "--config.data.shapes.num_test=32", *extra]
 
 
+def library_warnings(stderr):
+  """Console lines that are not hvla's: warnings (absl's W/E lines, TensorFlow's C++
+  notices), tfds' download banner."""
+  return [line for line in stderr.splitlines()
+          if re.match(r"[WE]\d{4} |WARNING|I0000 |Downloading|Dataset .* prepared", line)]
+
+
 def test_train_then_eval_mode_writes_results(tmp_path):
   workdir, data_dir = tmp_path / "run", tmp_path / "tfds"
-  subprocess.run(main_command(workdir, data_dir), cwd=REPO, check=True, timeout=600,
-                 capture_output=True)
+  trained = subprocess.run(main_command(workdir, data_dir), cwd=REPO, check=True,
+                           timeout=600, capture_output=True, text=True)
   assert list(workdir.glob("events.out.tfevents.*"))
-  subprocess.run(main_command(workdir, data_dir, "--mode=eval"), cwd=REPO, check=True,
-                 timeout=600, capture_output=True)
+  evaluated = subprocess.run(main_command(workdir, data_dir, "--mode=eval"), cwd=REPO,
+                             check=True, timeout=600, capture_output=True, text=True)
+  assert library_warnings(trained.stderr) == library_warnings(evaluated.stderr) == []
   results = json.loads((workdir / "eval_results_step2.json").read_text())
   assert results["step"] == 2
   for key in ("zeroshot_shape/top1", "zeroshot_color/top1", "retrieval/i2t_r1"):
     assert 0.0 <= results["results"][key] <= 1.0
+  # Training appended its one evaluation (the last step's); --mode=eval kept its file.
+  [line] = (workdir / "eval_results.jsonl").read_text().splitlines()
+  assert json.loads(line)["step"] == 2
+  assert set(json.loads(line)["results"]) == set(results["results"])
 
   info = inspect_checkpoint.describe(str(workdir))
   params, step = checkpointing.load_params(str(workdir))
