@@ -3,7 +3,10 @@
 A config file defines `get_config(arg=None)`; `arg` is the text after the colon in
 `--config=configs/clip_vitb16.py:runlocal,batch=64`, parsed by `parse_arg`.
 """
+from absl import logging
 import ml_collections
+
+YFCC = "yfcc15m_v2"  # The full configs' dataset (PyramidCLIP's), built with build_dataset.
 
 
 def parse_arg(arg, **spec):
@@ -100,8 +103,47 @@ def yfcc_recipe():
   return config
 
 
-def apply_run_args(config, arg):
-  """The arguments every config takes: evals=false, batch=N, steps=N."""
+def dataset_evals(data, *, every_steps, view):
+  """Evaluations of the dataset `data.dataset` names, from its description: zero-shot on
+  each class label, retrieval of its captions, and a linear probe per class label where
+  it has `data.train_split` too, all on its evaluation split (`validation`, else `test`).
+
+  Returns (evals, that split); no split, no evals.
+  """
+  from hvla import evaluators  # pylint: disable=g-import-not-at-top
+  from hvla.data import pipeline  # pylint: disable=g-import-not-at-top
+  splits = pipeline.dataset_splits(data)
+  split = next((s for s in ("validation", "test") if s in splits), None)
+  if split is None:
+    logging.warning("Dataset %s has no validation or test split (splits: %s): no evals.",
+                    data.dataset, splits)
+    return ml_collections.ConfigDict(), data.eval_split
+  features = pipeline.dataset_features(data)
+  labels = pipeline.label_features(features)
+  shared = dict(every_steps=every_steps, view=view)
+  evals = {f"zeroshot_{label}": evaluators.default_eval_config(
+      "zeroshot", label=label, **shared) for label in labels}
+  if "caption" in features:
+    evals["retrieval"] = evaluators.default_eval_config("retrieval", **shared)
+  if data.train_split in splits:
+    evals.update({f"linear_probe_{label}": evaluators.default_eval_config(
+        "linear_probe", label=label, train_split=data.train_split, **shared)
+        for label in labels})
+  return ml_collections.ConfigDict(evals), split
+
+
+def apply_run_args(config, arg, *, eval_view, eval_every=None):
+  """The arguments every config takes: data=NAME_OR_DIR, evals=false, batch=N, steps=N.
+
+  `data` (other than hvla_shapes) replaces the dataset and the evals by the dataset's
+  own (`dataset_evals` on `eval_view`, every `eval_every` steps; default: at every
+  checkpoint), after runlocal, so `runlocal,data=DIR` trains and evaluates on DIR.
+  """
+  if arg.data:
+    config.data.dataset = arg.data
+    if arg.data != "hvla_shapes":
+      config.evals, config.data.eval_split = dataset_evals(
+          config.data, every_steps=eval_every or config.checkpoint_every, view=eval_view)
   if not arg.evals:
     config.evals = {}
   if arg.batch:

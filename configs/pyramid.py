@@ -24,7 +24,7 @@ PATCH_EMBEDDING = r"^img/embedding/"  # The ViT's patch embedding kernel, for fr
 def get_pyramid_config(arg, *, patch_size=None):
   """PyramidCLIP with a ViT-B/`patch_size` image tower, or CLIP's RN50 when None."""
   vit = patch_size is not None
-  spec = dict(runlocal=False, evals=True, batch=0, steps=0, data="yfcc15m_v2", roi="boxes",
+  spec = dict(runlocal=False, evals=True, batch=0, steps=0, data="", roi="boxes",
               alpha=0.2, lam=1 / 3, mu=1 / 3, siglip=0.0)
   if vit:
     spec.update(leff=True, freeze_patch_embed=True)
@@ -44,7 +44,7 @@ def get_pyramid_config(arg, *, patch_size=None):
     model.embed_dim = 1024
 
   data = config.data
-  data.dataset = arg.data
+  data.dataset = common.YFCC
   data.views = {"global": dict(crop_scale=GLOBAL_CROP_SCALE, size=224),
                 "local": dict(crop_scale=LOCAL_CROP_SCALE, size=224)}
   data.box_view = "global"  # The objective's regions are those of the global view.
@@ -58,17 +58,26 @@ def get_pyramid_config(arg, *, patch_size=None):
         "clip", weight=arg.siglip, loss="sigmoid", image_view="local", text_field="caption")
   if arg.runlocal:
     runlocal(config, vit)
-  return common.apply_run_args(config, arg)
+  return common.apply_run_args(config, arg, eval_view="global",
+                               eval_every=RUNLOCAL_STEPS if arg.runlocal else None)
+
+
+# A PyramidCLIP step runs the image tower on two views and the text tower on three texts:
+# runlocal trains fewer steps than CLIP's and evaluates once, at the end, to stay within
+# minutes on a laptop CPU.
+RUNLOCAL_STEPS = 200
 
 
 def runlocal(config, vit):
-  """`common.runlocal`'s tiny towers and hvla_shapes, evaluated on the global view."""
+  """`common.runlocal`'s tiny towers and hvla_shapes for RUNLOCAL_STEPS steps, evaluated
+  on the global view at the end."""
   common.runlocal(config)
+  config.total_steps = RUNLOCAL_STEPS
   if not vit:
     config.model.image = ml_collections.ConfigDict(dict(
         name="resnet", image_size=64, layers=(1, 1, 1, 1), width=16, heads=8,
         output_dim=128, norm_groups=8))
-  config.evals = shapes_evals(every_steps=200, view="global")
+  config.evals = shapes_evals(every_steps=RUNLOCAL_STEPS, view="global")
 
 
 def shapes_evals(every_steps, view):
