@@ -6,7 +6,8 @@ Run (a laptop CPU, minutes, the built-in hvla_shapes data):
 Run (accelerators; data built with hvla.tools.build_dataset):
   python -m hvla.main --config=configs/clip_vitb16.py:data=yfcc15m_v2 --workdir=gs://.../clip_b16
 
-Arguments: runlocal, evals=false, loss=softmax|sigmoid, batch=N, steps=N, data=TFDS_NAME_OR_DIR.
+Arguments: runlocal, evals=false, loss=softmax|sigmoid, batch=N, steps=N, data=TFDS_NAME_OR_DIR
+(with or without runlocal: trains on it and evaluates with its own evals, docs/data.md).
 
 Large batches (docs/scaling.md): --config.objective.strategy=chunked|sharded
 --config.objective.block_size=1024, --config.accum_steps=K, --config.model.remat=full.

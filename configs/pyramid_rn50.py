@@ -1,14 +1,16 @@
 r"""PyramidCLIP, CLIP's modified ResNet-50 image tower (f1 = trunk, f2 = attention pool)
 + 12x512 text transformer with max pooling, joint width 1024.
 
-Run (a laptop CPU, minutes, the built-in hvla_shapes data):
+Run (a laptop CPU, minutes, the built-in hvla_shapes data; 200 steps, evaluated at the
+end):
   python -m hvla.main --config=configs/pyramid_rn50.py:runlocal --workdir=/tmp/pyramid_rn50
 
 Run (accelerators; data built with hvla.tools.build_dataset):
   python -m hvla.main --config=configs/pyramid_rn50.py:data=yfcc15m_v2 \
       --workdir=gs://.../pyramid_rn50
 
-Arguments: runlocal, evals=false, batch=N, steps=N, data=TFDS_NAME_OR_DIR,
+Arguments: runlocal, evals=false, batch=N, steps=N, data=TFDS_NAME_OR_DIR (trains on it
+and evaluates with its own evals, docs/data.md),
 roi=boxes|features, alpha=, lam=, mu=, siglip=W
 (adds a SigLIP term of weight W on the local view and the caption).
 

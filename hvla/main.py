@@ -8,7 +8,8 @@ A config file may live anywhere: it imports `configs.*` (the repository's) and t
 modules beside it. `--eval` adds, replaces or removes evaluators (docs/evaluation.md):
 
   python -m hvla.main --config=configs/clip_vitb16.py:runlocal,data=/data/mine \
-      --workdir=/tmp/mine --eval=probe_kind=linear_probe,label=kind,shots=(1,5) --eval=-retrieval
+      --workdir=/tmp/mine --eval='probe_kind=linear_probe,label=kind,shots=(1, 5)' \
+      --eval=-retrieval
 
 Ctrl-C stops with one line naming the newest checkpoint; the same command resumes.
 
