@@ -36,11 +36,11 @@ RUNLOCAL_VIEW = dict(crop_scale=(0.5, 1.0), flip=False, color_jitter=0.2, color_
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False, evals=True, batch=0, steps=0,
-                         data="yfcc15m_v2", aware=True, image_image=True, text_text=True)
+                         data="", aware=True, image_image=True, text_text=True)
   config = common.yfcc_recipe()
   config.model.image.patch_size = 32
   config.model.aug_mlp_width = AUG_MLP_WIDTH if arg.aware else 0
-  config.data.dataset = arg.data
+  config.data.dataset = common.YFCC
   config.data.views = {v: dict(TRAIN_VIEW) for v in VIEWS}
   config.data.text.max_len = config.model.text.max_len
   pairs = [p for p, on in (("image_image", arg.image_image), ("image_text", True),
@@ -53,4 +53,4 @@ def get_config(arg=None):
       view.update(RUNLOCAL_VIEW)
     for ev in config.evals.values():
       ev.view = VIEWS[0]  # Evaluated without augmentation (resize and centre crop).
-  return common.apply_run_args(config, arg)
+  return common.apply_run_args(config, arg, eval_view=VIEWS[0])

@@ -220,7 +220,9 @@ def test_augmentation_embedding_starts_at_zero_and_follows_the_parameters():
   flipped[:, 4] = 1.0
   def embed(p, augs):
     return model.apply({"params": p}, images, jnp.asarray(augs), method="encode_image_with_augs")
-  plain = model.apply({"params": params}, images, method="encode_image")["embedding"]
+  towers_out = model.apply({"params": params}, images, method="encode_image")
+  assert set(embed(params, flipped)) == set(towers_out)  # what grounding reads, too
+  plain = towers_out["embedding"]
   np.testing.assert_allclose(embed(params, flipped)["embedding"], plain, atol=1e-6)
   trained = with_random_output_layer(params)
   neutral = np.tile(unified.NEUTRAL_AUGS, (3, 1))

@@ -170,13 +170,15 @@ class TwoTowers(nn.Module):
     return out
 
   def encode_image_with_augs(self, images, augs, *, train=False):
-    """Images [B, H, W, 3] and their augmentation vectors [B, A] -> dict(embedding,
-    pooled): the pooled feature plus the augmentation embedding, projected."""
+    """Images [B, H, W, 3] and their augmentation vectors [B, A] -> `encode_image`'s
+    dict, with the augmentation embedding added to `pooled` before its projection (the
+    patch tokens are the tower's own)."""
     if not self.aug_mlp_width:
       raise ValueError("The augmentation-aware embedding needs model.aug_mlp_width > 0.")
-    pooled = self.encode_image(images, train=train)["pooled"]
+    out = self.encode_image(images, train=train)
+    pooled = out["pooled"]
     pooled = pooled + self.aug_embed(augs, pooled.shape[-1]).astype(pooled.dtype)
-    return dict(embedding=self.image_project(pooled), pooled=pooled)
+    return dict(out, pooled=pooled, embedding=self.image_project(pooled))
 
   def encode_text(self, tokens, *, train=False):
     """Tokens [B, L] -> dict(embedding [B, D], pooled [B, W], tokens [B, L, W],
