@@ -91,13 +91,21 @@ def test_encode_outputs_shapes_and_norms():
   img = run(model, variables, images, method=encode_image)
   txt = run(model, variables, tokens, method="encode_text")
   assert grids == [(4, 4)] and all(isinstance(g, int) for g in grids[0])
-  assert set(img) == {"embedding", "pooled", "tokens", "token_embeddings", "cls_layers"}
-  assert set(txt) == {"embedding", "pooled", "tokens", "token_embeddings", "cls_layers"}
+  keys = {"embedding", "pooled", "tokens", "token_embeddings", "cls_layers", "levels"}
+  assert set(img) == keys and set(txt) == keys
   assert img["embedding"].shape == (2, 16) and img["pooled"].shape == (2, 32)
   assert img["tokens"].shape == (2, 16, 32) and img["token_embeddings"].shape == (2, 16, 16)
   assert img["cls_layers"].shape == (2, 2, 32)
   assert txt["embedding"].shape == (2, 16) and txt["tokens"].shape == (2, 8, 32)
   assert txt["token_embeddings"].shape == (2, 8, 16) and txt["cls_layers"].shape == (2, 2, 32)
+  # levels: every block's readout after the final norm, example-major; the last one is
+  # the pooled feature (class token / end-of-text pooling).
+  for out, norm in ((img, "image_norm"), (txt, "text_norm")):
+    assert out["levels"].shape == (2, 2, 32)
+    np.testing.assert_allclose(
+        out["levels"], np.swapaxes(run(model, variables, out["cls_layers"], method=norm), 0, 1),
+        rtol=1e-6)
+    np.testing.assert_allclose(out["levels"][:, -1], out["pooled"], rtol=1e-5, atol=1e-6)
   for x in (img["embedding"], img["token_embeddings"], txt["embedding"]):
     np.testing.assert_allclose(np.linalg.norm(x, axis=-1), 1.0, rtol=1e-5)
   # The joint embedding is the normalised projection of `pooled`.

@@ -28,8 +28,8 @@ TOWER_METHODS = ("encode_image", "encode_text", "encode_image_with_rois")
 def tiny_config(name, *, batch_size=16, image_depth=2):
   """A runlocal config with tiny towers: 'clip', 'siglip', 'pyramid' (six terms),
   'pyramid_siglip' (six terms + SigLIP), 'pyramid_features' (regions from stored
-  features, no LeFF: patch dropout allowed), 'unified' (UniCLIP) or 'momentum' (the
-  test-only term)."""
+  features, no LeFF: patch dropout allowed), 'unified' (UniCLIP), 'hierarchical'
+  (CLIP with ViCHA's layer-wise alignment) or 'momentum' (the test-only term)."""
   if name == "unified":
     config = uniclip_vitb32.get_config("runlocal")
   elif name.startswith("pyramid"):
@@ -43,6 +43,9 @@ def tiny_config(name, *, batch_size=16, image_depth=2):
     config.model.pyramid.roi.feature_dim = 8
   if name == "momentum":
     config.objective.terms = {"momentum": dict(type=momentum_term.TYPE, embed_dim=32)}
+  if name == "hierarchical":
+    config.model.text.depth = 3
+    config.objective.terms.hierarchical = losses.term_config("hierarchical", weight=0.1)
   return config
 
 
@@ -290,7 +293,7 @@ def test_objective_state_survives_kill_and_resume_bit_exactly(tmp_path):
 # A tiny config per term type and options worth covering; a new type fails here until
 # it is added.
 TERM_CASES = {"clip": ("clip", "siglip", "pyramid_features"), "unified": ("unified",),
-              momentum_term.TYPE: ("momentum",)}
+              "hierarchical": ("hierarchical",), momentum_term.TYPE: ("momentum",)}
 
 
 def test_every_registered_term_type_has_a_case():

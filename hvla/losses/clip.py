@@ -20,6 +20,16 @@ LOSSES = ("softmax", "sigmoid")
 IMAGE_OUTPUTS = ("embedding", "roi_embedding")
 
 
+def image_pass(view, rois=False, concepts="", outputs=("embedding",)):
+  """The image tower's pass on batch['images'][view]: with its regions (batch['rois'])
+  through the f1 / f2 split when `rois`, with ViCHA's concept tokens appended to its
+  input when `concepts` names their text field (batch['tokens'][concepts]). Terms that
+  read the same view with the same options share the pass."""
+  inputs = (f"images/{view}",) + (("rois",) if rois else ())
+  inputs += (f"tokens/{concepts}",) if concepts else ()
+  return Pass("encode_image_with_rois" if rois else "encode_image", inputs, outputs=outputs)
+
+
 @register("clip")
 class Clip(Term):
   """Options (the keys of `config.objective.terms.<name>` besides type and weight):
@@ -53,12 +63,8 @@ class Clip(Term):
     self.strategy, self.block_size = strategy, block_size
 
   def passes(self):
-    view = f"images/{self.image_view}"
-    if self.rois:
-      image = Pass("encode_image_with_rois", (view, "rois"), outputs=(self.image_output,))
-    else:
-      image = Pass("encode_image", (view,))
-    return {"image": image, "text": Pass("encode_text", (f"tokens/{self.text_field}",))}
+    return {"image": image_pass(self.image_view, self.rois, outputs=(self.image_output,)),
+            "text": Pass("encode_text", (f"tokens/{self.text_field}",))}
 
   def attach(self, model):
     if self.rois and model.roi_source is None:

@@ -20,7 +20,8 @@ class TextTransformer(nn.Module):
   """Text tower: tokens [B, L] int32 -> dict(pooled, tokens, cls_layers).
 
   `cls_layers` [depth, B, W] is the pooled feature after every block, before the
-  final norm.
+  final norm; `levels` [B, depth, W] the same after the final norm, per example (the
+  layer features of ViCHA's alignment, whose post-LN text layers are normalised [paper]).
   """
   vocab_size: int = 49408
   max_len: int = 77
@@ -70,4 +71,4 @@ class TextTransformer(nn.Module):
     x, cls_layers = self.encoder(x, lengths)
     x = self.norm(x)
     return dict(pooled=layers.pool(x, lengths, self.pooling), tokens=x,
-                cls_layers=cls_layers)
+                cls_layers=cls_layers, levels=jnp.swapaxes(self.norm(cls_layers), 0, 1))

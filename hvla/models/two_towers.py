@@ -159,7 +159,8 @@ class TwoTowers(nn.Module):
 
   def encode_image(self, images, *, train=False):
     """Images [B, H, W, 3] -> dict(embedding [B, D], pooled [B, W], tokens [B, P, W],
-    token_embeddings [B, P, D], cls_layers [depth, B, W], grid (h, w)).
+    token_embeddings [B, P, D], cls_layers [depth, B, W], grid (h, w)), and for a ViT
+    levels [B, depth, W] (the block readouts after the final norm).
 
     With patch dropout at train time `tokens` holds only the kept patches; `grid`
     is always the full patch grid.
@@ -182,7 +183,7 @@ class TwoTowers(nn.Module):
 
   def encode_text(self, tokens, *, train=False):
     """Tokens [B, L] -> dict(embedding [B, D], pooled [B, W], tokens [B, L, W],
-    token_embeddings [B, L, D], cls_layers [depth, B, W]).
+    token_embeddings [B, L, D], cls_layers [depth, B, W], levels [B, depth, W]).
 
     `train` is accepted for symmetry with `encode_image`; the text tower has no
     stochastic layer.

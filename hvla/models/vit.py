@@ -105,7 +105,9 @@ class ViT(nn.Module):
 
   Outputs `pooled` [B, W], `tokens` [B, P, W] (patch tokens after the final norm),
   `cls_layers` [depth, B, W] (the pooling readout after every block, before the final
-  norm: the class token for `cls`, the mean patch token for `gap`) and `grid`.
+  norm: the class token for `cls`, the mean patch token for `gap`), `levels` [B, depth,
+  W] (the same readouts after the final norm, per example: ViCHA's layer features) and
+  `grid`.
   """
   image_size: int = 224
   patch_size: int = 16
@@ -229,7 +231,13 @@ class ViT(nn.Module):
     grid = self.patch_grid(images)
     x, cls_layers = self.blocks(x, grid=grid)
     pooled, tokens = self.head(x)
-    return dict(pooled=pooled, tokens=tokens, cls_layers=cls_layers, grid=grid)
+    return dict(pooled=pooled, tokens=tokens, cls_layers=cls_layers,
+                levels=self.levels(cls_layers), grid=grid)
+
+  def levels(self, cls_layers):
+    """[depth, B, W] block readouts -> [B, depth, W] after the final norm: ViCHA passes
+    every intermediate state through the tower's final LayerNorm [paper]."""
+    return jnp.swapaxes(self.norm(cls_layers), 0, 1)
 
   def patch_grid(self, images):
     """(h, w) patches of `images` [B, H, W, 3]."""
