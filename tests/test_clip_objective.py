@@ -115,7 +115,7 @@ def test_term_config_lists_every_option_at_its_default():
   config = losses.term_config('clip', loss='sigmoid')
   assert config == dict(type='clip', weight=1.0, loss='sigmoid', label_smoothing=0.0,
                         image_view='image', rois=False, image_output='embedding',
-                        text_field='caption', bias_init=-10.0)
+                        concepts='', text_field='caption', bias_init=-10.0)
   with pytest.raises(ValueError, match=r"has no option\(s\) \['temperature'\]"):
     losses.term_config('clip', temperature=0.07)
 

@@ -259,7 +259,9 @@ def test_patch_dropout_only_at_train():
 
 def test_drop_patches_keeps_an_ordered_subset():
   x = jnp.broadcast_to(jnp.arange(10.0)[None, :, None], (3, 10, 2))
-  kept = np.asarray(vit.drop_patches(x, 4, jax.random.key(0)))[..., 0]
+  tokens, indices = vit.drop_patches(x, 4, jax.random.key(0))
+  kept = np.asarray(tokens)[..., 0]
+  np.testing.assert_array_equal(indices, kept)
   assert kept.shape == (3, 4)
   assert np.all(np.diff(kept, axis=1) > 0) and np.all((kept >= 0) & (kept < 10))
 

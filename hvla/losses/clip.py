@@ -9,7 +9,8 @@ every update (hvla.optim.project).
 
 The image side is a view's pooled embedding (`encode_image`), or, with `rois`, the view
 run through PyramidCLIP's f1 / f2 split with its regions (`encode_image_with_rois`), whose
-`embedding` (the view) or `roi_embedding` (the region sequence) the term reads.
+`embedding` (the view) or `roi_embedding` (the region sequence) the term reads; with
+`concepts`, ViCHA's concept tokens join the view's input (docs/vicha.md).
 """
 import jax.numpy as jnp
 
@@ -30,6 +31,13 @@ def image_pass(view, rois=False, concepts="", outputs=("embedding",)):
   return Pass("encode_image_with_rois" if rois else "encode_image", inputs, outputs=outputs)
 
 
+def check_concepts(term, model):
+  """A term with `concepts` set needs the model's concept encoder."""
+  if term.concepts and model.concept_encoder is None:
+    raise ValueError(f"config.objective.terms.{term.name}.concepts={term.concepts!r} needs "
+                     "the concept encoder: set model.concept_depth > 0")
+
+
 @register("clip")
 class Clip(Term):
   """Options (the keys of `config.objective.terms.<name>` besides type and weight):
@@ -39,6 +47,8 @@ class Clip(Term):
   image_view: batch['images'][image_view] is the image input.
   rois: run the view with its regions (batch['rois']) through the f1 / f2 split.
   image_output: 'embedding', or 'roi_embedding' (needs `rois`).
+  concepts: batch['tokens'][concepts] is ViCHA's concept text, appended to the image
+    input (needs model.concept_depth > 0); '' none.
   text_field: batch['tokens'][text_field] is the text input.
   bias_init: the initial logit bias b of 'sigmoid' (SigLIP: -10).
   strategy, block_size: how the contrastive term is computed (`contrastive_loss`);
@@ -46,7 +56,7 @@ class Clip(Term):
   """
 
   def __init__(self, *, loss="softmax", label_smoothing=0.0, image_view="image", rois=False,
-               image_output="embedding", text_field="caption", bias_init=-10.0,
+               image_output="embedding", concepts="", text_field="caption", bias_init=-10.0,
                strategy="dense", block_size=None):
     if loss not in LOSSES:
       raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -58,18 +68,21 @@ class Clip(Term):
     self.kind = loss  # `loss` is the method below.
     self.label_smoothing = float(label_smoothing)
     self.image_view, self.rois, self.image_output = image_view, bool(rois), image_output
+    self.concepts = concepts
     self.text_field = text_field
     self.bias_init = float(bias_init)
     self.strategy, self.block_size = strategy, block_size
 
   def passes(self):
-    return {"image": image_pass(self.image_view, self.rois, outputs=(self.image_output,)),
+    return {"image": image_pass(self.image_view, self.rois, self.concepts,
+                                (self.image_output,)),
             "text": Pass("encode_text", (f"tokens/{self.text_field}",))}
 
   def attach(self, model):
     if self.rois and model.roi_source is None:
       raise ValueError(f"config.objective.terms.{self.name}: rois=True needs the ROI path: "
                        "set model.pyramid.roi.source to 'boxes' or 'features'")
+    check_concepts(self, model)
 
   def init_params(self, rng):
     del rng

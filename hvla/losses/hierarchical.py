@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from hvla.losses import contrastive
-from hvla.losses.clip import image_pass
+from hvla.losses.clip import check_concepts, image_pass
 from hvla.losses.objective import Pass, Term, register
 from hvla.models import TextTransformer, ViT, l2_normalize
 
@@ -111,6 +111,7 @@ class Hierarchical(Term):
                        f"{len(self.pairs)} pairs {self.pairs}")
     if self.rois and model.roi_source is None:
       raise ValueError(f"{where}: rois=True needs the ROI path (model.pyramid.roi.source)")
+    check_concepts(self, model)
     self.widths = (model.img.width, model.txt.width, self.embed_dim or model.embed_dim)
 
   def init_params(self, rng):

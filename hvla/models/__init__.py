@@ -57,6 +57,10 @@ def default_model_config():
   # UniCLIP's augmentation-aware embedding (TwoTowers.encode_image_with_augs): hidden width
   # of the MLP from a view's augmentation vector to the pooled feature; 0: none.
   c.aug_mlp_width = 0
+  # ViCHA's visual concepts (TwoTowers.concept_tokens): blocks of the concept encoder, a
+  # bidirectional text transformer of the text tower's width (ViCHA: 2 [paper]) whose
+  # tokens, mapped to the image width, join the ViT's input; 0: none.
+  c.concept_depth = 0
   c.image = ml_collections.ConfigDict(dict(
       name="vit", image_size=224, patch_size=16, width=768, depth=12, heads=12,
       mlp_ratio=4.0, pool="cls", patch_dropout=0.0))
@@ -131,6 +135,12 @@ def get_model(config):
   width = config.aug_mlp_width
   layers.check(isinstance(width, int) and not isinstance(width, bool) and width >= 0,
                "model.aug_mlp_width", f"must be an int >= 0, got {config.aug_mlp_width!r}")
+  depth = config.concept_depth
+  layers.check(isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0,
+               "model.concept_depth", f"must be an int >= 0, got {config.concept_depth!r}")
+  layers.check(not depth or config.image.get("name") == "vit", "model.concept_depth",
+               f"concept tokens join a ViT's input; the image tower is "
+               f"{config.image.get('name')!r}")
   check_attention(config)
   shared = dict(dtype=jnp.dtype(config.dtype), remat=config.remat, scan=config.scan,
                 attention=config.attention)
@@ -141,8 +151,15 @@ def get_model(config):
                  f"unknown tower {name!r}, expected one of {sorted(_TOWERS[kind])}")
     extra = dict(pyramid=pyramid_fields(config)) if kind == "image" else {}
     towers[kind] = _TOWERS[kind][name].from_config(config[kind], **extra, **shared)
+  concept_encoder = None
+  if depth:  # the text tower's sizes, bidirectional [paper: 2 BERT layers]
+    text = towers["text"]
+    concept_encoder = TextTransformer(
+        vocab_size=text.vocab_size, max_len=text.max_len, width=text.width, depth=depth,
+        heads=text.heads, mlp_ratio=text.mlp_ratio, causal=False, **shared)
   return TwoTowers(
-      img=towers["image"], txt=towers["text"], embed_dim=config.embed_dim,
+      img=towers["image"], txt=towers["text"], concept_encoder=concept_encoder,
+      embed_dim=config.embed_dim,
       dtype=shared["dtype"], logit_scale_init=float(config.logit_scale_init),
       logit_scale_range=(float(low), float(high)), aug_mlp_width=config.aug_mlp_width)
 

@@ -327,6 +327,10 @@ class Block(nn.Module):
   the MLP. The class token (position 0) skips the LeFF but still comes out of the
   feed-forward as its normalised input, so the residual adds `norm2(x)` to it [paper,
   official model code: LEFF returns the class token it was given].
+
+  `extra` trailing tokens (ViCHA's concept tokens, after the patches) are not part of
+  the patch grid: the readout and the LeFF read only the tokens before them, and they
+  pass a LeFF as the class token does [ours].
   """
   mlp_dim: int
   heads: int
@@ -335,6 +339,7 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
   attention: str = "xla"
   leff_grid: tuple[int, int] | None = None
+  extra: int = 0
 
   @nn.compact
   def __call__(self, x, lengths=None):
@@ -342,13 +347,14 @@ class Block(nn.Module):
     x = x + Attention(self.heads, self.causal, self.dtype, self.attention, name="attn")(
         y, lengths)
     y = layer_norm(self.dtype, "norm2")(x)
+    end = x.shape[1] - self.extra  # the class token and the patch grid before it
     if self.leff_grid is None:
       x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(y)
     else:
-      patches = Leff(self.mlp_dim, self.leff_grid, self.dtype, name="leff")(y[:, 1:])
-      x = x + jnp.concatenate([y[:, :1], patches], axis=1)
+      patches = Leff(self.mlp_dim, self.leff_grid, self.dtype, name="leff")(y[:, 1:end])
+      x = x + jnp.concatenate([y[:, :1], patches, y[:, end:]], axis=1)
     x = constrain(x, "act_batch", "act_len", "act_embed")
-    return x, pool(x, lengths, self.readout)
+    return x, pool(x[:, :end], lengths, self.readout)
 
 
 class Encoder(nn.Module):
@@ -372,10 +378,11 @@ class Encoder(nn.Module):
   leff_depth: int = 0
 
   @nn.compact
-  def __call__(self, x, lengths=None, start=0, stop=None, grid=None):
+  def __call__(self, x, lengths=None, start=0, stop=None, grid=None, extra=0):
     """Runs blocks [start, stop) on `x`; returns (x, readouts [stop - start, B, W]).
 
-    `grid` (h, w) is the patch grid of x[:, 1:], needed when a LeFF block runs.
+    `grid` (h, w) is the patch grid of x[:, 1:], needed when a LeFF block runs; the
+    last `extra` tokens follow the grid (see `Block`).
     """
     stop = self.depth if stop is None else stop
     if not 0 <= start < stop <= self.depth:
@@ -388,7 +395,8 @@ class Encoder(nn.Module):
     if self.remat != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
     kwargs = dict(mlp_dim=self.mlp_dim, heads=self.heads, readout=self.readout,
-                  causal=self.causal, dtype=self.dtype, attention=self.attention)
+                  causal=self.causal, dtype=self.dtype, attention=self.attention,
+                  extra=extra)
     if not self.scan:
       readouts = []
       for i in range(start, stop):

@@ -321,8 +321,10 @@ class ResNet(nn.Module):
     return dict(tokens=tokens, patches=tokens, grid=grid)
 
   def f2(self, tokens, grid):
-    """The attention pool on f1's `tokens` -> pooled [B, output_dim]."""
-    return self.attnpool(tokens, grid)[0]
+    """The attention pool on f1's `tokens` -> dict(pooled [B, output_dim], cls_layers
+    [1, B, output_dim])."""
+    pooled = self.attnpool(tokens, grid)[0]
+    return dict(pooled=pooled, cls_layers=pooled[None])
 
   def rois(self, regions, mask):
     """ROI path: regions [B, M, roi_input_dim] with mask [B, M] (True: real) ->

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 
 from hvla.data.ops import AUG_FIELDS
 from hvla.models import layers
-from hvla.models.vit import BOX_DIM
+from hvla.models.vit import BOX_DIM, patchify
 
 AUG_DIM = len(AUG_FIELDS)
 
@@ -139,6 +139,7 @@ class TwoTowers(nn.Module):
   """
   img: nn.Module
   txt: nn.Module
+  concept_encoder: nn.Module | None = None  # ViCHA's concept text encoder, or None
   embed_dim: int = 512
   dtype: Any = jnp.float32
   logit_scale_init: float = math.log(1 / 0.07)
@@ -156,19 +157,53 @@ class TwoTowers(nn.Module):
         nn.initializers.constant(self.logit_scale_init)), ())
     if self.aug_mlp_width:
       self.aug_embed = AugmentationEmbedding(self.aug_mlp_width, self.dtype)
+    if self.concept_encoder is not None:  # the official kw_proj: text width -> image width
+      self.concept_proj = nn.Dense(
+          self.img.width, dtype=self.dtype,
+          kernel_init=layers.partitioned(nn.initializers.lecun_normal(), None, "embed"),
+          bias_init=layers.partitioned(nn.initializers.zeros, "embed"))
 
-  def encode_image(self, images, *, train=False):
+  def concept_tokens(self, tokens):
+    """ViCHA's concept text tokens [B, L] -> (image-width tokens [B, L, W], real count
+    [B]): the concept encoder's final tokens through a linear map [paper]."""
+    if self.concept_encoder is None:
+      raise ValueError("Concept tokens need the concept encoder: set model.concept_depth > 0.")
+    x = self.concept_proj(self.concept_encoder(tokens)["tokens"])
+    return x, layers.valid_lengths(tokens)
+
+  def _concepts(self, concepts):
+    return None if concepts is None else self.concept_tokens(concepts)
+
+  def encode_image(self, images, concepts=None, *, train=False):
     """Images [B, H, W, 3] -> dict(embedding [B, D], pooled [B, W], tokens [B, P, W],
     token_embeddings [B, P, D], cls_layers [depth, B, W], grid (h, w)), and for a ViT
     levels [B, depth, W] (the block readouts after the final norm).
 
     With patch dropout at train time `tokens` holds only the kept patches; `grid`
-    is always the full patch grid.
+    is always the full patch grid. `concepts` [B, L]: ViCHA's concept text, encoded and
+    appended to the ViT's input after the patches (`concept_tokens`); None: none.
     """
-    out = dict(self.img(images, train=train))
+    extra = self._concepts(concepts)
+    out = dict(self.img(images, train=train, **({} if extra is None else {"extra": extra})))
     out["embedding"] = self.image_project(out["pooled"])
     out["token_embeddings"] = self.image_project(out["tokens"])
     return out
+
+  def encode_image_masked(self, images, *, train=False, mask_ratio=0.75):
+    """MAE's pass [paper]: images [B, H, W, 3] -> dict(tokens [B, 1 + K, W] (the class
+    token and the K = int(P * (1 - mask_ratio)) kept patches in raster order, after the
+    final norm), mask [B, P] (1.0 where a patch is masked, 0.0 where kept; a float so
+    that GradCache can differentiate every output), pixels [B, P, p*p*3] (every patch's
+    pixels, the reconstruction target)). The mask is drawn per example from the
+    `dropout` rng stream, at train and eval time alike (`train` is accepted for
+    symmetry)."""
+    del train
+    pixels, _ = patchify(images, self.img.patch_size)
+    keep = max(1, int(pixels.shape[1] * (1 - mask_ratio)))
+    tokens, kept = self.img.masked(images, keep, self.make_rng("dropout"))
+    b = pixels.shape[0]
+    mask = jnp.ones(pixels.shape[:2], jnp.float32).at[jnp.arange(b)[:, None], kept].set(0.0)
+    return dict(tokens=tokens, mask=mask, pixels=pixels.astype(jnp.float32))
 
   def encode_image_with_augs(self, images, augs, *, train=False):
     """Images [B, H, W, 3] and their augmentation vectors [B, A] -> `encode_image`'s
@@ -202,6 +237,8 @@ class TwoTowers(nn.Module):
                       jnp.ones((1, 1), bool))
       if self.aug_mlp_width:
         self.aug_embed(jnp.zeros((1, AUG_DIM), self.dtype), image["pooled"].shape[-1])
+      if self.concept_encoder is not None:
+        self.concept_tokens(tokens)
     return image, self.encode_text(tokens)
 
   # Pieces of the image tower, for objectives that run it in parts.
@@ -242,14 +279,18 @@ class TwoTowers(nn.Module):
     if self.roi_source is None:
       raise ValueError("The ROI path needs model.pyramid.roi.source ('boxes' or 'features').")
 
-  def image_f1(self, images, *, train=False):
-    """f1 -> dict(tokens (f2's input), patches [B, P, W'] (the patch grid), grid)."""
-    return self.img.f1(images, train=train)
+  def image_f1(self, images, concepts=None, *, train=False):
+    """f1 -> dict(tokens (f2's input), patches [B, P, W'] (the patch grid), grid, ...);
+    a ViT also returns cls_layers and the rest of f2's input (lengths, extra).
+    `concepts` as for `encode_image` (ViT)."""
+    extra = self._concepts(concepts)
+    return self.img.f1(images, train=train, **({} if extra is None else {"extra": extra}))
 
-  def image_f2(self, tokens, grid):
-    """f2 on `image_f1`'s tokens -> dict(embedding [B, D], pooled [B, W])."""
-    pooled = self.img.f2(tokens, grid)
-    return dict(embedding=self.image_project(pooled), pooled=pooled)
+  def image_f2(self, tokens, grid, **f1_rest):
+    """f2 on `image_f1`'s tokens -> dict(embedding [B, D], pooled [B, W], cls_layers);
+    `f1_rest`: image_f1's lengths and extra, when it has them."""
+    out = dict(self.img.f2(tokens, grid, **f1_rest))
+    return dict(out, embedding=self.image_project(out["pooled"]))
 
   def image_rois(self, regions, boxes, mask):
     """Regions through f2 only -> dict(embedding [B, D], pooled [B, W]).
@@ -266,18 +307,24 @@ class TwoTowers(nn.Module):
     pooled = self.img.rois(inputs, mask)
     return dict(embedding=self.image_project(pooled), pooled=pooled)
 
-  def encode_image_with_rois(self, images, rois, *, train=False):
+  def encode_image_with_rois(self, images, rois, concepts=None, *, train=False):
     """One view and its regions, f1 run once -> dict(embedding, pooled, roi_embedding,
-    roi_pooled).
+    roi_pooled), and for a ViT levels [B, depth, W] (every block's readout after the
+    final norm).
 
     `rois`: dict(boxes [B, M, 4] in the view's coordinates, mask [B, M], and features
     [B, M, F] when `roi_source` is 'features'). A view without a real region gets the
-    whole view as its one region (`whole_view_if_empty`).
+    whole view as its one region (`whole_view_if_empty`). `concepts` as for
+    `encode_image`: they join the view's tokens in f1 and f2, not the regions' path.
     """
     self._check_roi_path()
     rois = whole_view_if_empty(rois)
-    f1 = self.image_f1(images, train=train)
-    out = self.image_f2(f1["tokens"], f1["grid"])
+    f1 = self.image_f1(images, concepts, train=train)
+    rest = {k: f1[k] for k in ("lengths", "extra") if k in f1}
+    out = self.image_f2(f1["tokens"], f1["grid"], **rest)
+    if "cls_layers" in f1:
+      out["levels"] = self.img.levels(jnp.concatenate([f1["cls_layers"], out["cls_layers"]]))
+    del out["cls_layers"]
     if self.roi_source == "boxes":
       regions = pool_boxes(f1["patches"], f1["grid"], rois["boxes"])
     elif "features" in rois:

@@ -51,10 +51,12 @@ def resize_pos_embedding(pos, grid_from, grid_to):
 
 
 def drop_patches(x, keep, rng):
-  """Keeps a random `keep` of the tokens x [B, P, W] per example, in their order."""
+  """Keeps a random `keep` of the tokens x [B, P, W] per example, in their order:
+  (kept tokens [B, keep, W], their indices [B, keep]). Patch dropout, and MAE's random
+  masking (which draws the same uniform subset by a per-example shuffle)."""
   scores = jax.random.uniform(rng, x.shape[:2])
   kept = jnp.sort(jax.lax.top_k(scores, keep)[1], axis=1)
-  return jnp.take_along_axis(x, kept[..., None], axis=1)
+  return jnp.take_along_axis(x, kept[..., None], axis=1), kept
 
 
 def real_first(x, mask):
@@ -190,47 +192,85 @@ class ViT(nn.Module):
           kernel_init=layers.partitioned(nn.initializers.normal(self.width**-0.5),
                                          None, "embed"))
 
-  def stem(self, images, *, train=False):
-    """Images [B, H, W, 3] -> tokens [B, 1 + P, W]: class token first, then patches.
+  def stem(self, images, *, train=False, extra=None):
+    """Images [B, H, W, 3] -> tokens [B, 1 + P (+ E), W]: class token first, then patches,
+    then `extra` [B, E, W] if given (ViCHA's concept tokens: after the positional
+    embedding, so they get none [paper]; before the pre-norm, which normalises every
+    token entering block 0 of this CLIP-layout tower [ours]).
 
     At train time with `patch_dropout` > 0 only a random subset of the patch tokens
     is kept (rng stream `dropout`).
     """
-    patches, grid = patchify(images, self.patch_size)
-    x = self.embedding(patches)
-    pos = self.pos_embedding.astype(self.dtype)
-    x = x + resize_pos_embedding(pos[1:], self.native_grid, grid)
+    x = self._embedded_patches(images)
     if train and self.patch_dropout > 0:
       keep = max(1, int(x.shape[1] * (1 - self.patch_dropout)))
-      x = drop_patches(x, keep, self.make_rng("dropout"))
-    cls = jnp.broadcast_to(self.cls.astype(self.dtype) + pos[0], (x.shape[0], 1, self.width))
-    x = jnp.concatenate([cls, x], axis=1)
+      x, _ = drop_patches(x, keep, self.make_rng("dropout"))
+    return self._with_class_token(x, extra)
+
+  def _embedded_patches(self, images):
+    """Images -> patch embeddings plus their positional embeddings [B, P, W]."""
+    patches, grid = patchify(images, self.patch_size)
+    pos = self.pos_embedding[1:].astype(self.dtype)
+    return self.embedding(patches) + resize_pos_embedding(pos, self.native_grid, grid)
+
+  def _with_class_token(self, x, extra=None):
+    """[class token, x (, extra)] through the pre-norm."""
+    cls = self.cls.astype(self.dtype) + self.pos_embedding[0].astype(self.dtype)
+    cls = jnp.broadcast_to(cls, (x.shape[0], 1, self.width))
+    x = jnp.concatenate([cls, x] + ([] if extra is None else [extra.astype(self.dtype)]),
+                        axis=1)
     return layers.constrain(self.pre_norm(x), "act_batch", "act_len", "act_embed")
 
-  def blocks(self, x, start=0, stop=None, *, grid=None, lengths=None):
+  def masked(self, images, keep, rng):
+    """MAE's encoder [paper]: the class token and a random `keep` of the patch tokens
+    (positions added before the draw), through every block and the final norm ->
+    (tokens [B, 1 + keep, W], the kept patches' indices [B, keep]). No concept tokens
+    [paper]; not with LeFF blocks, which convolve the full grid."""
+    if self.leff:
+      raise ValueError("Masked image modelling drops patches; the LeFF blocks need the "
+                       "full grid: set model.pyramid.leff=False.")
+    x, kept = drop_patches(self._embedded_patches(images), keep, rng)
+    x, _ = self.blocks(self._with_class_token(x))
+    return self.norm(x), kept
+
+  def blocks(self, x, start=0, stop=None, *, grid=None, lengths=None, extra=0):
     """Runs blocks [start, stop); returns (x, cls_layers [stop - start, B, W]).
 
     `grid`: the patch grid of x[:, 1:], for LeFF blocks (None: a square grid).
     `lengths` [B]: only the first lengths[b] tokens are real (keys past them are masked).
+    `extra`: the last `extra` tokens follow the patch grid (concept tokens).
     """
     if self.leff and start < self.f1_blocks and grid is None:
-      side = math.isqrt(x.shape[1] - 1)
-      if side * side != x.shape[1] - 1:
-        raise ValueError(f"{x.shape[1] - 1} patch tokens are not a square grid; pass `grid` "
+      patches = x.shape[1] - 1 - extra
+      side = math.isqrt(patches)
+      if side * side != patches:
+        raise ValueError(f"{patches} patch tokens are not a square grid; pass `grid` "
                          "to the LeFF blocks.")
       grid = (side, side)
-    return self.encoder(x, lengths, start, stop, grid)
+    return self.encoder(x, lengths, start, stop, grid, extra)
 
-  def head(self, x):
-    """Final norm and pooling: x [B, 1 + P, W] -> (pooled [B, W], tokens [B, P, W])."""
-    x = self.norm(x)
+  def head(self, x, extra=0):
+    """Final norm and pooling: x [B, 1 + P (+ extra), W] -> (pooled [B, W], patch
+    tokens [B, P, W]); the last `extra` tokens are neither pooled nor returned."""
+    x = self.norm(x)[:, :x.shape[1] - extra]
     return layers.pool(x, None, self.pool), x[:, 1:]
 
-  def __call__(self, images, *, train=False):
-    x = self.stem(images, train=train)
+  def _tokens(self, images, train, extra):
+    """The stem's tokens with `extra` = (tokens [B, E, W], real count [B]) or None
+    appended -> (x, lengths [B] or None (all real), E)."""
+    if extra is None:
+      return self.stem(images, train=train), None, 0
+    tokens, count = extra
+    x = self.stem(images, train=train, extra=tokens)
+    return x, x.shape[1] - tokens.shape[1] + count, tokens.shape[1]
+
+  def __call__(self, images, *, train=False, extra=None):
+    """`extra`: (tokens [B, E, W], real count [B]) appended after the patches, their
+    padding masked as keys, e.g. ViCHA's concept tokens; None: none."""
+    x, lengths, n_extra = self._tokens(images, train, extra)
     grid = self.patch_grid(images)
-    x, cls_layers = self.blocks(x, grid=grid)
-    pooled, tokens = self.head(x)
+    x, cls_layers = self.blocks(x, grid=grid, lengths=lengths, extra=n_extra)
+    pooled, tokens = self.head(x, n_extra)
     return dict(pooled=pooled, tokens=tokens, cls_layers=cls_layers,
                 levels=self.levels(cls_layers), grid=grid)
 
@@ -245,17 +285,24 @@ class ViT(nn.Module):
 
   # PyramidCLIP: f1, f2 and the ROI path.
 
-  def f1(self, images, *, train=False):
-    """Stem and the f1 blocks -> dict(tokens [B, 1 + P, W] (f2's input), patches
-    [B, P, W] (their patch grid, for box pooling), grid (h, w))."""
+  def f1(self, images, *, train=False, extra=None):
+    """Stem and the f1 blocks -> dict(tokens [B, 1 + P (+ E), W] (f2's input), patches
+    [B, P, W] (their patch grid, for box pooling), grid (h, w), cls_layers [f1 blocks,
+    B, W], and f2's other inputs: lengths, extra (the count E); `extra` as for
+    `__call__`."""
     grid = self.patch_grid(images)
-    x, _ = self.blocks(self.stem(images, train=train), 0, self.f1_blocks, grid=grid)
-    return dict(tokens=x, patches=x[:, 1:], grid=grid)
+    x, lengths, n_extra = self._tokens(images, train, extra)
+    x, cls_layers = self.blocks(x, 0, self.f1_blocks, grid=grid, lengths=lengths,
+                                extra=n_extra)
+    return dict(tokens=x, patches=x[:, 1:x.shape[1] - n_extra], grid=grid,
+                cls_layers=cls_layers, lengths=lengths, extra=n_extra)
 
-  def f2(self, tokens, grid):
-    """The f2 blocks and the head on f1's `tokens` -> pooled [B, W]."""
-    x, _ = self.blocks(tokens, self.f1_blocks, grid=grid)
-    return self.head(x)[0]
+  def f2(self, tokens, grid, *, lengths=None, extra=0):
+    """The f2 blocks and the head on f1's `tokens` -> dict(pooled [B, W], cls_layers
+    [f2 blocks, B, W])."""
+    x, cls_layers = self.blocks(tokens, self.f1_blocks, grid=grid, lengths=lengths,
+                                extra=extra)
+    return dict(pooled=self.head(x, extra)[0], cls_layers=cls_layers)
 
   def rois(self, regions, mask):
     """ROI path: regions [B, M, roi_input_dim] with mask [B, M] (True: real) -> [B, W].
