@@ -132,10 +132,12 @@ class Setup:
     the objective's state."""
     model, objective, tx, schedule = self.model, self.objective, self.tx, self.schedule
     accum_steps, total_steps, bounds = self.config.accum_steps, self.total_steps, self.bounds
+    epoch_steps = (self._examples_per_epoch or 0) / self.config.batch_size
 
     def train_step(state, batch):
       ctx = losses.Context(step=state["step"], total_steps=total_steps,
-                           rng=jax.random.fold_in(state["rng"], state["step"]))
+                           rng=jax.random.fold_in(state["rng"], state["step"]),
+                           epoch_steps=epoch_steps)
       objective_state = state.get("objective", {})
       pass_rng, loss_rng = jax.random.split(ctx.rng)
 

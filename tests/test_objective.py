@@ -46,6 +46,15 @@ def tiny_config(name, *, batch_size=16, image_depth=2):
   if name == "hierarchical":
     config.model.text.depth = 3
     config.objective.terms.hierarchical = losses.term_config("hierarchical", weight=0.1)
+  if name == "vicha":  # momentum distillation, layer-wise alignment, concepts, MAE
+    config.model.concept_depth = 1
+    config.data.text.fields = ("caption", "concepts")
+    concepts = dict(concepts="concepts")
+    config.objective.terms = {
+        "ita": losses.term_config("momentum", queue_size=2 * batch_size, **concepts),
+        "hierarchical": losses.term_config("hierarchical", weight=0.1, **concepts),
+        "mae": losses.term_config("mae", decoder_width=16, decoder_depth=1,
+                                  decoder_heads=2)}
   return config
 
 
@@ -293,7 +302,8 @@ def test_objective_state_survives_kill_and_resume_bit_exactly(tmp_path):
 # A tiny config per term type and options worth covering; a new type fails here until
 # it is added.
 TERM_CASES = {"clip": ("clip", "siglip", "pyramid_features"), "unified": ("unified",),
-              "hierarchical": ("hierarchical",), momentum_term.TYPE: ("momentum",)}
+              "hierarchical": ("hierarchical", "vicha"), "momentum": ("vicha",),
+              "mae": ("vicha",), momentum_term.TYPE: ("momentum",)}
 
 
 def test_every_registered_term_type_has_a_case():
@@ -320,9 +330,10 @@ def step_functions(config):
 def test_passes_are_per_example(name):
   config = tiny_config(name, batch_size=8)
   params, batch, embed, _ = step_functions(config)
+  rng = jax.random.PRNGKey(1)  # random ops (MAE's mask) draw per example along the batch
   for grad in (True, False):
-    whole = jax.jit(lambda b, g=grad: embed(params, b, None, g))(batch)
-    half = jax.jit(lambda b, g=grad: embed(params, b, None, g))(
+    whole = jax.jit(lambda b, g=grad: embed(params, b, rng, g))(batch)
+    half = jax.jit(lambda b, g=grad: embed(params, b, rng, g))(
         jax.tree.map(lambda x: x[:4], batch))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[:4], b, rtol=1e-5, atol=1e-6),
                  whole, half)

@@ -14,7 +14,9 @@ from hvla.losses.objective import (Context, Encoders, Objective, Pass, Term, get
                                    register, term_config)
 
 # Importing a term's module registers it.
-from hvla.losses import clip, hierarchical, unified  # noqa: E402,F401  pylint: disable=g-import-not-at-top
+from hvla.losses import clip, hierarchical, masked, momentum, unified  # noqa: E402  pylint: disable=g-import-not-at-top
+
+TERM_MODULES = (clip, hierarchical, masked, momentum, unified)  # the built-in term types
 
 __all__ = ["Context", "Encoders", "Objective", "Pass", "Term", "get_objective", "register",
            "term_config"]

@@ -39,6 +39,7 @@ class Context(NamedTuple):
   step: jax.Array  # int32 [], the step being taken (0 first)
   total_steps: int
   rng: jax.Array  # this step's key for this term (the same on every device)
+  epoch_steps: float = 0.0  # steps in one epoch of the training data; 0: unknown
 
 
 class Encoders(NamedTuple):
