@@ -22,6 +22,9 @@ setuptools.setup(
         "tensorboard>=2.19",
         "numpy>=1.26",
         "pillow>=10",
+        # English word lists with parts of speech, shipped in the package: the noun
+        # rules of hvla.tools.extract_concepts (no tagger model to download).
+        "lemminflect>=0.2.3,<0.3",
     ],
     extras_require={
         # transformers' Flax CLIP, the speed reference of benchmarks.reference (run from the
